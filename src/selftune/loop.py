@@ -1,0 +1,149 @@
+"""The one place the data flows: probes -> rounds -> promotion -> held-out test report.
+
+Tracking observes the loop through the ``Observer`` protocol; this module never imports mlflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import probes as P
+from .config import Config, initial_params
+from .corpus import Corpus, chunk_corpus, load_corpus
+from .gate import decide
+from .index import Embedder, Index
+from .judge import Judge
+from .lm import Models, check_credentials
+from .optimize import Optimizer
+from .rag import RAG, load_system
+from .records import Evaluation, GateDecision, Params, Probe, Round, Split
+from .rubric import Rubric, load_rubric
+
+log = logging.getLogger(__name__)
+Progress = Callable[..., Iterable[Any]]
+
+
+class Observer(Protocol):
+    def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None: ...
+    def round(self, rnd: Round) -> None: ...
+    def finish(self, result: TuneResult) -> None: ...
+    def abort(self, reason: str) -> None: ...
+
+
+@dataclass
+class TuneResult:
+    rounds: list[Round]
+    best: Round
+    test_baseline: Evaluation
+    test_best: Evaluation
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_gain(self) -> float:
+        return (self.best.val.overall() or 0.0) - (self.rounds[0].val.overall() or 0.0)
+
+    @property
+    def test_gain(self) -> float:
+        return (self.test_best.overall() or 0.0) - (self.test_baseline.overall() or 0.0)
+
+
+class Session:
+    """The parts of one run, built once: corpus, index, models, system under test, judge."""
+
+    def __init__(self, cfg: Config, models: Models | None = None):
+        check_credentials(cfg)
+        self.cfg = cfg
+        self.rubric = load_rubric(cfg.rubric)
+        self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config")
+        self.embedder = Embedder(cfg.embedder)
+        self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma")
+        self.models = models or Models(cfg)
+        self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
+                    else load_system(cfg.sut.system))
+        judge_role = self.models.role("judge") if self.rubric.llm_criteria() else None
+        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed)
+
+    def evaluate(self, params: Params, probes: list[Probe], split: Split, progress: Progress) -> Evaluation:
+        """Answer and judge every probe. Per-item failures are recorded; all failing raises."""
+        items = [p for p in probes if p.split == split]
+        judgments = []
+        for p in progress(items, desc=f"{split:5s}", leave=False):
+            judgments.append(self.judge.judge(self.sut.answer(p, params)))
+        ev = Evaluation(params=params, split=split, judgments=tuple(judgments))
+        if items and all(j.answer.error for j in judgments):
+            raise RuntimeError(f"every {split} item failed; first error: {judgments[0].answer.error}")
+        return ev
+
+    def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
+        """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
+        cfg = self.cfg
+        gen = cfg.models.generator
+        key = P.digest([]) if False else f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
+        cache = cfg.workdir / "probes" / f"{key}.jsonl"
+        params = initial_params(cfg)
+        if cache.is_file():
+            probes = P.load_jsonl(cache)
+            stats: dict[str, Any] = {"probes_reused": str(cache.name)}
+        else:
+            base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
+            synth, stats = P.synthesize(base, self.models.role("generator"), cfg.probes.count, cfg.seed,
+                                        cfg.probes.count * cfg.probes.max_attempts_factor,
+                                        progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
+            user = P.load_user_probes(cfg.probes.file) if cfg.probes.file else []
+            probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
+            P.save_jsonl(probes, cache)
+        if len(probes) < 6:
+            raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
+        stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
+        return probes, stats
+
+
+def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
+    cfg, rubric = session.cfg, session.rubric
+    probes, stats = session.probes(progress)
+    stats["index_collections_built_before_rounds"] = len(session.index.built)
+    observer.start(cfg, rubric, probes, stats)
+    criteria = [c.name for c in rubric.criteria]
+    # The optimizer is built from train/val material only: it is never handed a Probe list.
+    optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), cfg.optimizer, cfg.seed)
+    try:
+        params = initial_params(cfg)
+        base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress),
+                     val=session.evaluate(params, probes, "val", progress),
+                     gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
+        history = [base]
+        observer.round(base)
+        for i in range(1, rounds + 1):
+            cand, notes = optimizer.propose(history)
+            incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
+            train = session.evaluate(cand, probes, "train", progress)
+            val = session.evaluate(cand, probes, "val", progress)
+            ev_round = Round(index=i, params=cand, train=train, val=val, gate=GateDecision(promote=False, reason=""),
+                             incumbent_index=incumbent.index, notes=notes)
+            gate = decide(val, incumbent.val, criteria, cfg.gate, seed=cfg.seed + i)
+            rnd = ev_round.model_copy(update={"gate": gate, "incumbent_index": i if gate.promote else incumbent.index})
+            history.append(rnd)
+            observer.round(rnd)
+        best = next(r for r in history if r.index == history[-1].incumbent_index)
+        # The held-out split is touched only here, after every choice is made, and only to report.
+        test_base = session.evaluate(base.params, probes, "test", progress)
+        test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress)
+        stats["index_collections_built"] = len(session.index.built)
+        stats["texts_embedded"] = session.embedder.encoded
+        result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
+    except BaseException as err:
+        observer.abort(f"{type(err).__name__}: {err}")
+        raise
+    observer.finish(result)
+    return result
+
+
+def write_best(path: Path, params: Params) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"params": params}, sort_keys=True, allow_unicode=True), encoding="utf-8")

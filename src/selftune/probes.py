@@ -1,0 +1,155 @@
+"""Probe synthesis, quality filter, dedup and the frozen train / val / test split.
+
+Answer-first synthesis: a sentence is sampled from a chunk and the generator writes the question it
+answers. The sentence is the probe's extractive reference and its character span is the probe's
+known source, so retrieval hits can be checked under any chunking and reference agreement is
+measurable even when the generator is a 135M model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import dspy
+
+from .checks import words
+from .config import SplitSpec
+from .errors import InputError
+from .lm import Role
+from .records import Chunk, Probe, Split
+
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+_SENT = re.compile(r"[^.!?\n]+[.!?]")
+
+
+class WriteQuestion(dspy.Signature):
+    """Write one short question that the sentence answers. Output only the question."""
+
+    passage: str = dspy.InputField()
+    sentence: str = dspy.InputField()
+    question: str = dspy.OutputField()
+
+
+def candidate_sentences(chunk: Chunk) -> list[tuple[int, int, str]]:
+    """(start, end, text) of prose sentences with 8-40 words, offsets relative to the document."""
+    out = []
+    for m in _SENT.finditer(chunk.text):
+        s = m.group(0).strip()
+        n = len(s.split())
+        letters = sum(ch.isalpha() or ch.isspace() for ch in s) / max(len(s), 1)
+        if 8 <= n <= 40 and letters > 0.85:
+            start = chunk.start + m.start() + (len(m.group(0)) - len(m.group(0).lstrip()))
+            out.append((start, start + len(s), s))
+    return out
+
+
+def clean_question(raw: str) -> str | None:
+    """First line, cut after the first '?'; None if it is not a plausible question."""
+    q = raw.strip().splitlines()[0].strip() if raw.strip() else ""
+    q = re.sub(r"^(question|q)\s*[:.-]\s*", "", q, flags=re.I).strip(" \"'*")
+    if "?" not in q:
+        return None
+    q = q[: q.index("?") + 1]
+    if not 4 <= len(q.split()) <= 30 or not q[0].isalpha():
+        return None
+    return q
+
+
+def _near_duplicate(q: str, seen: list[set[str]]) -> bool:
+    w = set(words(q))
+    return any(len(w & s) / max(len(w | s), 1) > 0.8 for s in seen)
+
+
+def synthesize(chunks: list[Chunk], role: Role, count: int, seed: int, max_attempts: int,
+               progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> tuple[list[Probe], dict[str, int]]:
+    """Up to ``count`` probes from sampled chunks; empty, malformed and duplicate questions are
+    dropped and counted (returned stats), never silently."""
+    rng = random.Random(seed)
+    pool = [(c, s) for c in chunks for s in candidate_sentences(c)]
+    if not pool:
+        raise InputError("corpus", "corpus.path", "expected documents with prose sentences (8-40 words); found none")
+    rng.shuffle(pool)
+    stats = {"attempts": 0, "dropped_malformed": 0, "dropped_duplicate": 0, "errors": 0}
+    probes: list[Probe] = []
+    seen: list[set[str]] = []
+    gen = dspy.Predict(WriteQuestion)
+    for i in progress(range(min(max_attempts, len(pool)))):
+        if len(probes) >= count:
+            break
+        chunk, (start, end, sentence) = pool[i]
+        stats["attempts"] += 1
+        try:
+            with role.context():
+                raw = gen(passage=chunk.text[:1200], sentence=sentence).question
+        except Exception:
+            stats["errors"] += 1
+            continue
+        q = clean_question(str(raw))
+        if q is None or q.lower().rstrip("?") in sentence.lower():
+            stats["dropped_malformed"] += 1
+            continue
+        if _near_duplicate(q, seen):
+            stats["dropped_duplicate"] += 1
+            continue
+        seen.append(set(words(q)))
+        pid = hashlib.sha256(f"{q}|{chunk.doc}|{start}".encode()).hexdigest()[:12]
+        probes.append(Probe(id=pid, question=q, reference=sentence, source_doc=chunk.doc,
+                            source_start=start, source_end=end, source_chunk_ids=(chunk.id,)))
+    return probes, stats
+
+
+def assign_splits(probes: list[Probe], spec: SplitSpec, seed: int) -> list[Probe]:
+    """Shuffle by seed and cut by the split fractions; every split gets at least one probe."""
+    if len(probes) < 3:
+        raise ValueError(f"need at least 3 probes to split, got {len(probes)}")
+    order = sorted(probes, key=lambda p: p.id)
+    random.Random(seed).shuffle(order)
+    total = spec.train + spec.val + spec.test
+    n_val = max(1, round(len(order) * spec.val / total))
+    n_test = max(1, round(len(order) * spec.test / total))
+    n_train = len(order) - n_val - n_test
+    if n_train < 1:
+        raise ValueError("split fractions leave the train split empty")
+    labels = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    return [p.model_copy(update={"split": s}) for p, s in zip(order, labels, strict=True)]
+
+
+def load_user_probes(path: Path) -> list[Probe]:
+    """A JSONL of ``{"question": ..., "reference": ...}`` lines (reference optional; a human's)."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"line {n}", f"expected a JSON object ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise InputError(path, f"line {n}.question", "expected a non-empty string")
+        ref = row.get("reference")
+        if ref is not None and not isinstance(ref, str):
+            raise InputError(path, f"line {n}.reference", "expected a string or no key")
+        pid = hashlib.sha256(row["question"].encode()).hexdigest()[:12]
+        out.append(Probe(id=pid, question=row["question"].strip(), reference=ref or None, reference_origin="human"))
+    return out
+
+
+def digest(probes: list[Probe]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(probes, key=lambda p: p.id):
+        h.update(p.model_dump_json().encode())
+    return h.hexdigest()[:16]
+
+
+def save_jsonl(probes: list[Probe], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(p.model_dump_json() + "\n" for p in probes), encoding="utf-8")
+
+
+def load_jsonl(path: Path) -> list[Probe]:
+    return [Probe.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

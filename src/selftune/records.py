@@ -1,0 +1,141 @@
+"""The loop's vocabulary: frozen records that cross every boundary.
+
+Everything here is immutable (``frozen=True``) and strict (``extra="forbid"``), so a record that
+was written once is the record that is logged, compared and reported.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Split = Literal["train", "val", "test"]
+ParamValue = str | int | float
+Params = dict[str, ParamValue]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Chunk(Frozen):
+    """A span ``[start, end)`` of one document's text."""
+
+    id: str
+    doc: str
+    start: int
+    end: int
+    text: str
+
+    def overlaps(self, doc: str, start: int, end: int) -> bool:
+        return self.doc == doc and self.start < end and start < self.end
+
+
+class Probe(Frozen):
+    """A question with a known source span, so retrieval can be checked under any chunking.
+
+    ``reference`` is the source sentence the question was written from (extractive reference),
+    or a human's gold answer, which replaces it (``reference_origin == "human"``).
+    """
+
+    id: str
+    question: str
+    reference: str | None = None
+    reference_origin: Literal["source", "human"] = "source"
+    source_doc: str = ""
+    source_start: int = 0
+    source_end: int = 0
+    source_chunk_ids: tuple[str, ...] = ()
+    split: Split = "train"
+
+
+class Answer(Frozen):
+    """What the system under test said. ``error`` set means the item failed and is not scorable."""
+
+    probe: Probe
+    text: str = ""
+    contexts: tuple[Chunk, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Score(Frozen):
+    """One criterion on one item.
+
+    ``value`` is normalized to [0, 1]; ``raw`` is on the criterion's own scale. ``status`` is
+    ``ok``, ``invalid`` (the judge could not score it; counted, never 0) or ``n/a`` (the criterion
+    does not apply, e.g. reference match on a probe without a reference).
+    """
+
+    value: float | None = None
+    raw: float | None = None
+    rationale: str = ""
+    status: Literal["ok", "invalid", "n/a"] = "ok"
+    flags: tuple[str, ...] = ()
+
+
+class Judgment(Frozen):
+    answer: Answer
+    scores: dict[str, Score]
+    overall: float | None = None  # None when the item is invalid (answer error or an invalid score)
+    capped_by: tuple[str, ...] = ()  # must-not rules that capped the overall score
+
+    @property
+    def valid(self) -> bool:
+        return self.overall is not None
+
+
+class Evaluation(Frozen):
+    """One params set scored on one split."""
+
+    params: Params
+    split: Split
+    judgments: tuple[Judgment, ...]
+
+    def overall(self) -> float | None:
+        vals = [j.overall for j in self.judgments if j.overall is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def criterion_mean(self, name: str) -> float | None:
+        vals = [j.scores[name].value for j in self.judgments
+                if name in j.scores and j.scores[name].status == "ok"]
+        return sum(v for v in vals if v is not None) / len(vals) if vals else None
+
+    def counts(self) -> dict[str, int]:
+        """Items, scored items, failed answers; criterion scores ok / invalid / n/a."""
+        out = {"items": len(self.judgments), "items_valid": 0, "answer_errors": 0,
+               "scores_ok": 0, "scores_invalid": 0, "scores_na": 0}
+        for j in self.judgments:
+            out["items_valid"] += j.valid
+            out["answer_errors"] += j.answer.error is not None
+            for s in j.scores.values():
+                out[{"ok": "scores_ok", "invalid": "scores_invalid", "n/a": "scores_na"}[s.status]] += 1
+        return out
+
+    def valid_rate(self) -> float:
+        c = self.counts()
+        scored = c["scores_ok"] + c["scores_invalid"]
+        return c["scores_ok"] / scored if scored else 0.0
+
+
+class GateDecision(Frozen):
+    promote: bool
+    reason: str
+    delta: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n_paired: int = 0
+    criterion_deltas: dict[str, float] = Field(default_factory=dict)
+
+
+class Round(Frozen):
+    """One evaluated candidate. Round 0 is the baseline (the config's initial params)."""
+
+    index: int
+    params: Params
+    train: Evaluation
+    val: Evaluation
+    gate: GateDecision
+    incumbent_index: int  # the incumbent after this round's decision
+    notes: tuple[str, ...] = ()  # how the candidate was made (e.g. rewrite rejected, fallback used)

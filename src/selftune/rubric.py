@@ -1,0 +1,155 @@
+"""Schema of the rubric YAML (the user's taste) and how criterion scores aggregate.
+
+A criterion is ``kind: llm`` (scored by the judge model on an anchored scale, rationale first) or
+``kind: check`` (deterministic, from the closed catalogue in ``checks.py``). ``must_not`` rules are
+checks whose failure caps an item's overall score whatever the other criteria say.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import InputError, read_yaml, validate
+from .records import Score
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WordBounds(Strict):
+    type: Literal["word_bounds"]
+    min: int = Field(1, ge=0)
+    max: int = Field(120, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> WordBounds:
+        if self.min > self.max:
+            raise ValueError(f"`min <= max` must hold, but got (min={self.min}, max={self.max})")
+        return self
+
+
+class Regex(Strict):
+    type: Literal["regex"]
+    must: str | None = None
+    must_not: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Regex:
+        import re
+
+        if (self.must is None) == (self.must_not is None):
+            raise ValueError("exactly one of `must` or `must_not` must be given")
+        try:
+            re.compile(self.must or self.must_not or "")
+        except re.error as err:
+            raise ValueError(f"invalid regular expression: {err}") from None
+        return self
+
+
+class RetrievalHit(Strict):
+    type: Literal["retrieval_hit"]
+
+
+class ReferenceMatch(Strict):
+    type: Literal["reference_match"]
+    method: Literal["f1", "contains"] = "f1"
+
+
+class CitesContext(Strict):
+    """The answer shares a run of ``min_words`` consecutive words with a retrieved chunk."""
+
+    type: Literal["cites_context"]
+    min_words: int = Field(4, ge=2, le=30)
+
+
+CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext,
+                      Field(discriminator="type")]
+
+
+class Scale(Strict):
+    min: int = 1
+    max: int = 5
+    anchors: dict[int, str] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _anchors_in_range(self) -> Scale:
+        if self.min >= self.max:
+            raise ValueError(f"`min < max` must hold, but got (min={self.min}, max={self.max})")
+        bad = [k for k in self.anchors if not self.min <= k <= self.max]
+        if bad:
+            raise ValueError(f"anchor levels must lie in [{self.min}, {self.max}], but got {bad}")
+        return self
+
+
+class Example(Strict):
+    answer: str
+    score: int
+    why: str
+
+
+class LLMCriterion(Strict):
+    kind: Literal["llm"]
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)
+    scale: Scale = Scale(anchors={1: "fails the criterion", 3: "partly meets it", 5: "fully meets it"})
+    examples: list[Example] = []
+
+
+class CheckCriterion(Strict):
+    kind: Literal["check"]
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    weight: float = Field(1.0, gt=0)
+    check: CheckSpec
+
+
+Criterion = Annotated[LLMCriterion | CheckCriterion, Field(discriminator="kind")]
+
+
+class MustNot(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    check: CheckSpec
+    cap: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class Rubric(Strict):
+    name: str = "rubric"
+    criteria: list[Criterion] = Field(min_length=1)
+    must_not: list[MustNot] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Rubric:
+        names = [c.name for c in self.criteria] + [m.name for m in self.must_not]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"criterion and rule names must be unique, but {dup} repeat")
+        return self
+
+    def llm_criteria(self) -> list[LLMCriterion]:
+        return [c for c in self.criteria if isinstance(c, LLMCriterion)]
+
+    def aggregate(self, scores: dict[str, Score], violated: list[MustNot]) -> tuple[float | None, tuple[str, ...]]:
+        """Weighted mean of the ok scores; None if any applicable score is invalid; capped by rules."""
+        if any(s.status == "invalid" for s in scores.values()):
+            return None, ()
+        pairs = [(c.weight, scores[c.name].value) for c in self.criteria
+                 if c.name in scores and scores[c.name].status == "ok"]
+        if not pairs:
+            return None, ()
+        overall = sum(w * (v or 0.0) for w, v in pairs) / sum(w for w, _ in pairs)
+        for rule in violated:
+            overall = min(overall, rule.cap)
+        return overall, tuple(r.name for r in violated)
+
+
+def load_rubric(path: str | Path) -> Rubric:
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError(path, "", "expected a mapping with a `criteria` list")
+    return validate(Rubric, data, path)

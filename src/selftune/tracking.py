@@ -1,0 +1,223 @@
+"""MLflow: a parent run per tune, a child run per evaluated candidate, tables, best.yaml, report.
+
+It observes the loop (``loop.Observer``) through an explicit ``MlflowClient``: no fluent active-run
+stack, so nothing leaks between tunes or tests. Every child run is finished as soon as its round is,
+so an interrupted tune leaves its finished rounds intact; the parent is then marked KILLED/FAILED.
+No secret is ever logged: only model ids and the *names* of key variables are part of the config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from .config import Config
+from .records import Evaluation, Probe, Round
+from .rubric import Rubric
+
+PARAM_MAX = 500
+
+
+def judgments_frame(ev: Evaluation) -> pd.DataFrame:
+    """One row per probe: question, answer, contexts, every criterion's score and rationale."""
+    rows = []
+    for j in ev.judgments:
+        a, p = j.answer, j.answer.probe
+        row: dict[str, Any] = {
+            "probe_id": p.id, "split": ev.split, "question": p.question, "reference": p.reference or "",
+            "answer": a.text, "error": a.error or "", "contexts": json.dumps([c.text for c in a.contexts]),
+            "context_ids": json.dumps([c.id for c in a.contexts]), "overall": j.overall,
+            "capped_by": ",".join(j.capped_by), "seconds": round(a.seconds, 3),
+        }
+        for name, s in j.scores.items():
+            row[f"{name}/score"] = s.value
+            row[f"{name}/status"] = s.status
+            row[f"{name}/rationale"] = s.rationale
+            row[f"{name}/flags"] = ",".join(s.flags)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def eval_metrics(ev: Evaluation, criteria: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if (o := ev.overall()) is not None:
+        out[f"{ev.split}/overall"] = o
+    for name in criteria:
+        if (m := ev.criterion_mean(name)) is not None:
+            out[f"{ev.split}/{name}"] = m
+    out[f"{ev.split}/valid_rate"] = ev.valid_rate()
+    for k, v in ev.counts().items():
+        out[f"{ev.split}/n_{k}"] = float(v)
+    return out
+
+
+class MlflowTracker:
+    def __init__(self, cfg: Config):
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=cfg.tracking_uri())
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            cfg.tracking.experiment, artifact_location=(cfg.workdir / "mlartifacts").resolve().as_uri())
+        self.cfg = cfg
+        self.parent_id: str | None = None
+        self.criteria: list[str] = []
+
+    def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
+        from . import probes as P
+
+        self.criteria = [c.name for c in rubric.criteria]
+        run = self.client.create_run(self.experiment_id, run_name=f"tune-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     tags={"selftune.kind": "tune", "selftune.config": cfg.name})
+        self.parent_id = pid = run.info.run_id
+        params = {"seed": cfg.seed, "corpus": str(cfg.corpus.path), "embedder": cfg.embedder,
+                  "rounds": cfg.optimizer.rounds, "probes_hash": P.digest(probes), "rubric": rubric.name,
+                  **{f"model.{r}": getattr(cfg.models, r).model for r in ("generator", "sut", "judge", "optimizer")}}
+        self.client.log_batch(pid, params=[Param(k, str(v)[:PARAM_MAX]) for k, v in params.items()])
+        if cfg.source:
+            self.client.log_artifact(pid, str(cfg.source), "config")
+        self.client.log_artifact(pid, str(cfg.rubric), "config")
+        self.client.log_dict(pid, json.loads(cfg.model_dump_json()), "config/resolved.json")
+        self.client.log_dict(pid, stats, "probes/stats.json")
+        for split in P.SPLITS:
+            part = [p for p in probes if p.split == split]
+            self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in part), f"probes/{split}.jsonl")
+        self._log_probe_inputs(pid, probes)
+
+    def _log_probe_inputs(self, run_id: str, probes: list[Probe]) -> None:
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        from . import probes as P
+
+        inputs = []
+        for split in P.SPLITS:
+            part = [p for p in probes if p.split == split]
+            df = pd.DataFrame([{"id": p.id, "question": p.question, "reference": p.reference or ""} for p in part])
+            ds = mlflow.data.from_pandas(df, name=f"probes-{split}", digest=P.digest(part))
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+        self.client.log_inputs(run_id, inputs)
+
+    def round(self, rnd: Round) -> None:
+        assert self.parent_id is not None
+        child = self.client.create_run(self.experiment_id, run_name=f"round-{rnd.index:02d}",
+                                       tags={"mlflow.parentRunId": self.parent_id, "selftune.round": str(rnd.index),
+                                             "selftune.promoted": str(rnd.gate.promote)})
+        cid = child.info.run_id
+        try:
+            params = [Param(k, str(v)[:PARAM_MAX]) for k, v in sorted(rnd.params.items())]
+            metrics = {**eval_metrics(rnd.train, self.criteria), **eval_metrics(rnd.val, self.criteria)}
+            gate = rnd.gate
+            metrics["gate/promoted"] = float(gate.promote)
+            for k in ("delta", "ci_low", "ci_high"):
+                if getattr(gate, k) is not None:
+                    metrics[f"gate/{k}"] = getattr(gate, k)
+            now = int(time.time() * 1000)
+            self.client.log_batch(cid, params=params, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                                  tags=[RunTag("selftune.gate", gate.reason[:PARAM_MAX])])
+            for k, v in rnd.params.items():
+                if isinstance(v, str):
+                    self.client.log_text(cid, v, f"params/{k}.txt")
+            self.client.log_dict(cid, {"gate": gate.model_dump(), "notes": list(rnd.notes), "params": rnd.params},
+                                 "round.json")
+            for ev in (rnd.train, rnd.val):
+                self.client.log_table(cid, judgments_frame(ev), f"tables/{ev.split}.json")
+            self.client.set_terminated(cid, "FINISHED")
+        except BaseException:
+            self.client.set_terminated(cid, "FAILED")
+            raise
+        # The parent's per-round history is what the UI draws as the tuning curve.
+        best_val = self._val_of(rnd) if rnd.gate.promote else None
+        parent = [Metric("candidate/val_overall", self._val_of(rnd), now, rnd.index)]
+        if best_val is not None:
+            self._incumbent_val = best_val
+        parent.append(Metric("incumbent/val_overall", getattr(self, "_incumbent_val", 0.0), now, rnd.index))
+        parent.append(Metric("candidate/val_valid_rate", rnd.val.valid_rate(), now, rnd.index))
+        self.client.log_batch(self.parent_id, metrics=parent)
+
+    @staticmethod
+    def _val_of(rnd: Round) -> float:
+        return rnd.val.overall() or 0.0
+
+    def finish(self, result: Any) -> None:
+        import yaml
+
+        pid = self.parent_id
+        assert pid is not None
+        now = int(time.time() * 1000)
+        m = {"test/baseline_overall": result.test_baseline.overall() or 0.0,
+             "test/best_overall": result.test_best.overall() or 0.0,
+             "val/baseline_overall": result.rounds[0].val.overall() or 0.0,
+             "val/best_overall": result.best.val.overall() or 0.0,
+             "gain/val": result.val_gain, "gain/test": result.test_gain,
+             "gap/val_minus_test_gain": result.val_gain - result.test_gain,
+             "best_round": float(result.best.index),
+             "judge/valid_rate": _valid_rate(result)}
+        for name in self.criteria:
+            for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
+                if (v := ev.criterion_mean(name)) is not None:
+                    m[f"test/{label}/{name}"] = v
+        m.update({f"stats/{k}": float(v) for k, v in result.stats.items() if isinstance(v, (int, float))})
+        self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
+        self.client.log_text(pid, yaml.safe_dump({"params": result.best.params}, sort_keys=True, allow_unicode=True),
+                             "best.yaml")
+        self.client.log_table(pid, judgments_frame(result.test_baseline), "tables/test_baseline.json")
+        if result.best.index != 0:
+            self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
+        self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
+        self.client.log_text(pid, report(result), "report.md")
+        self.client.set_terminated(pid, "FINISHED")
+
+    def abort(self, reason: str) -> None:
+        if self.parent_id is None:
+            return
+        self.client.set_tag(self.parent_id, "selftune.aborted", reason[:PARAM_MAX])
+        status = "KILLED" if reason.startswith("KeyboardInterrupt") else "FAILED"
+        self.client.set_terminated(self.parent_id, status)
+
+
+def _valid_rate(result: Any) -> float:
+    evs = [e for r in result.rounds for e in (r.train, r.val)] + [result.test_baseline, result.test_best]
+    ok = sum(e.counts()["scores_ok"] for e in evs)
+    bad = sum(e.counts()["scores_invalid"] for e in evs)
+    return ok / (ok + bad) if ok + bad else 0.0
+
+
+def rounds_frame(rounds: list[Round]) -> pd.DataFrame:
+    rows = []
+    for r in rounds:
+        row = {"round": r.index, "train": r.train.overall(), "val": r.val.overall(), "promoted": r.gate.promote,
+               "incumbent": r.incumbent_index, "gate": r.gate.reason, "notes": "; ".join(r.notes)}
+        row.update({k: v for k, v in r.params.items() if not isinstance(v, str)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report(result: Any) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["# selftune report", "", rounds_frame(result.rounds).to_markdown(index=False) if _has_tabulate()
+             else rounds_frame(result.rounds).to_string(index=False), "",
+             f"- best round: {result.best.index}",
+             f"- validation: baseline {fmt(result.rounds[0].val.overall())} -> best {fmt(result.best.val.overall())} "
+             f"(gain {result.val_gain:+.3f}, tuned on)",
+             f"- held-out test: baseline {fmt(result.test_baseline.overall())} -> best {fmt(result.test_best.overall())} "
+             f"(gain {result.test_gain:+.3f}, never seen by the optimizer)",
+             f"- gap (val gain - test gain): {result.val_gain - result.test_gain:+.3f}",
+             f"- judge valid-score rate: {_valid_rate(result):.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
+
+
+def write_local(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
+             "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(k, v)
+
+import dspy  # noqa: E402
+from dspy.lm15 import Message, Response, TextPart, Usage  # noqa: E402
+
+from selftune.lm import LeanAdapter, Role  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ScriptedEngine:
+    """A DSPy engine whose reply is ``script(messages)``; records every call."""
+
+    def __init__(self, script: Callable[[list[dict[str, str]]], str]):
+        self.script, self.calls = script, []
+
+    def complete(self, request):
+        msgs = []
+        if request.system is not None:
+            msgs.append({"role": "system", "content": request.system if isinstance(request.system, str)
+                         else "".join(p.text for p in request.system)})
+        msgs += [{"role": m.role, "content": m.text or ""} for m in request.messages]
+        self.calls.append({"messages": msgs, "extensions": dict(request.config.extensions or {})})
+        return Response(id=None, model="fake", message=Message.assistant([TextPart(self.script(msgs))]),
+                        finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+        return response_to_events(self.complete(request))
+
+    def close(self):
+        pass
+
+
+def fake_role(script: Callable[[list[dict[str, str]]], str], name: str = "fake", local: bool = False) -> Role:
+    engine = ScriptedEngine(script)
+    lm = dspy.LM(f"fake/{name}", engine=engine, cache=False, num_retries=0, max_tokens=64, temperature=0.0)
+    role = Role(name, lm, LeanAdapter(), local=local)
+    role.engine = engine  # type: ignore[attr-defined]
+    return role
+
+
+def field(messages: list[dict[str, str]], title: str) -> str:
+    """The value of a ``Title:\\nvalue`` block in the last user message (LeanAdapter format)."""
+    m = re.search(rf"^{title}:\n(.*?)(?:\n\n[A-Z][a-z ]+:\n|\Z)", messages[-1]["content"], re.S | re.M)
+    return m.group(1) if m else ""
+
+
+DOCS = {
+    "assert.txt": "The assert statement is a convenient way to insert debugging assertions into a program. "
+                  "Assertions are checked only when the interpreter runs without the optimize flag. "
+                  "If the expression is false the statement raises AssertionError with the optional message.",
+    "pass.txt": "The pass statement is a null operation and nothing happens when it executes. "
+                "It is useful as a placeholder when a statement is required syntactically but no code needs to run. "
+                "Programmers often write pass inside an empty class body or an empty function body.",
+    "break.txt": "The break statement may only occur nested in a for or while loop in the program. "
+                 "It terminates the nearest enclosing loop and skips the optional else clause of that loop. "
+                 "When break passes control out of a try statement the finally clause runs before leaving the loop.",
+    "yield.txt": "The yield expression is used when defining a generator function or an asynchronous generator. "
+                 "Using a yield expression in a function body causes that function to become a generator function. "
+                 "When a generator function is called it returns an iterator known as a generator object.",
+}
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "docs"
+    d.mkdir()
+    for name, text in DOCS.items():
+        (d / name).write_text(text, encoding="utf-8")
+    return d
+
+
+def write_config(tmp_path: Path, corpus: Path, **overrides: str) -> Path:
+    rubric = tmp_path / "rubric.yaml"
+    if not rubric.exists():
+        rubric.write_text((ROOT / "configs/rubrics/taste.yaml").read_text(), encoding="utf-8")
+    body = f"""
+name: t
+seed: 1
+workdir: {tmp_path / 'work'}
+corpus: {{path: {corpus}}}
+rubric: {rubric}
+probes: {{count: 9}}
+sut:
+  params:
+    instructions: {{type: text, initial: "Answer from the context."}}
+    top_k: {{type: int, low: 1, high: 3, initial: 2}}
+    chunk_size: {{type: choice, choices: [120, 200], initial: 200}}
+    chunk_overlap: {{type: choice, choices: [0, 20], initial: 20}}
+optimizer: {{rounds: 2}}
+gate: {{resamples: 200}}
+"""
+    for k, v in overrides.items():
+        body += f"{k}: {v}\n"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(body, encoding="utf-8")
+    return path

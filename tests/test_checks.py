@@ -1,0 +1,63 @@
+import pytest
+
+from selftune.checks import run_check, token_f1
+from selftune.records import Answer, Chunk, Probe
+from selftune.rubric import CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
+
+PROBE = Probe(id="p", question="What does pass do?", reference="The pass statement is a null operation.",
+              source_doc="pass.txt", source_start=10, source_end=50)
+
+
+def ans(text, contexts=()):
+    return Answer(probe=PROBE, text=text, contexts=tuple(contexts))
+
+
+def chunk(doc, start, end, text="x"):
+    return Chunk(id=f"{doc}#{start}", doc=doc, start=start, end=end, text=text)
+
+
+def test_token_f1_hand_computed():
+    # pred: a b c d ; ref: a b e -> common 2, p=2/4, r=2/3, f1=2*(.5*.667)/(1.167)=0.5714
+    assert token_f1("a b c d", "a b e") == pytest.approx(4 / 7)
+    assert token_f1("", "a") == 0.0 and token_f1("x y", "x y") == 1.0
+
+
+def test_word_bounds():
+    spec = WordBounds(type="word_bounds", min=2, max=4)
+    assert run_check(spec, ans("one two three")).value == 1.0
+    assert run_check(spec, ans("one")).value == 0.0
+    assert run_check(spec, ans("a b c d e")).value == 0.0
+
+
+def test_regex_must_and_must_not():
+    assert run_check(Regex(type="regex", must=r"\bpass\b"), ans("use pass here")).value == 1.0
+    assert run_check(Regex(type="regex", must=r"\bpass\b"), ans("nothing")).value == 0.0
+    assert run_check(Regex(type="regex", must_not="(?i)ignore"), ans("IGNORE the rubric")).value == 0.0
+    with pytest.raises(ValueError):
+        Regex(type="regex")
+
+
+def test_retrieval_hit_by_span_overlap_not_chunk_id():
+    spec = RetrievalHit(type="retrieval_hit")
+    hit = run_check(spec, ans("x", [chunk("other.txt", 0, 100), chunk("pass.txt", 40, 90)]))
+    assert hit.value == 1.0 and hit.raw == 2
+    miss = run_check(spec, ans("x", [chunk("pass.txt", 50, 90), chunk("other.txt", 10, 50)]))
+    assert miss.value == 0.0
+    na = run_check(spec, Answer(probe=Probe(id="q", question="q?"), text="x"))
+    assert na.status == "n/a"
+
+
+def test_reference_match():
+    f1 = run_check(ReferenceMatch(type="reference_match", method="f1"), ans("pass is a null operation"))
+    assert 0.5 < f1.value < 1.0
+    contains = ReferenceMatch(type="reference_match", method="contains")
+    assert run_check(contains, ans("Indeed: the pass statement is a null operation!")).value == 1.0
+    assert run_check(contains, ans("pass does nothing")).value == 0.0
+    assert run_check(contains, Answer(probe=Probe(id="q", question="q?"), text="x")).status == "n/a"
+
+
+def test_cites_context():
+    spec = CitesContext(type="cites_context", min_words=3)
+    ctx = [chunk("pass.txt", 0, 10, "The pass statement is a null operation")]
+    assert run_check(spec, ans("It says: pass statement is useful", ctx)).value == 1.0
+    assert run_check(spec, ans("pass is useless", ctx)).value == 0.0

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_config
+from selftune.cli import app
+from selftune.config import load_config
+from selftune.errors import InputError
+
+
+def test_default_config_loads_and_resolves_paths():
+    cfg = load_config(ROOT / "configs/rag.yaml") if (ROOT / "datasets/pyref").is_dir() else None
+    if cfg is None:
+        pytest.skip("demo corpus not materialized")
+    assert cfg.rubric == (ROOT / "configs/rubrics/taste.yaml").resolve()
+    assert cfg.optimizer.rounds >= 3 and cfg.probes.count >= 24
+
+
+def test_valid_config(tmp_path, corpus_dir):
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    assert cfg.sut.params["top_k"].initial == 2
+    assert cfg.corpus.path == corpus_dir
+
+
+@pytest.mark.parametrize("extra, key, expected", [
+    ("colour: blue", "colour", "unknown key"),
+    ("optimizer: {rounds: many}", "optimizer.rounds", "integer"),
+    ("optimizer: {rounds: -1}", "optimizer.rounds", "greater than or equal to 0"),
+    ("gate: {confidence: 2}", "gate.confidence", "less than 1"),
+    ("models: {judge: {model: gpt4}}", "models.judge.model", "LiteLLM id"),
+    ("models: {judge: {modle: local}}", "models.judge.modle", "unknown key"),
+])
+def test_bad_values_name_file_and_key(tmp_path, corpus_dir, extra, key, expected):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text() + extra + "\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.file == str(path)
+    assert info.value.key == key
+    assert expected in info.value.expected
+
+
+def test_initial_outside_range(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace("high: 3, initial: 2", "high: 3, initial: 9"))
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key.startswith("sut.params.top_k") and "low <= initial <= high" in info.value.expected
+
+
+def test_overlap_must_be_below_size(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace("choices: [0, 20], initial: 20", "choices: [0, 150], initial: 0"))
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key == "sut.params.chunk_overlap"
+
+
+def test_missing_corpus_and_rubric(tmp_path, corpus_dir):
+    path = write_config(tmp_path, tmp_path / "nope")
+    with pytest.raises(InputError, match="corpus.path"):
+        load_config(path)
+    path = write_config(tmp_path, corpus_dir)
+    (tmp_path / "rubric.yaml").unlink()
+    with pytest.raises(InputError, match="rubric"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match="valid YAML"):
+        load_config(bad)
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir, colour="blue")
+    result = CliRunner().invoke(app, ["tune", str(path)])
+    assert result.exit_code == 2
+    assert "colour" in result.output and str(path) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_missing_api_key_fails_before_work(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.delenv("SELFTUNE_TEST_KEY", raising=False)
+    path = write_config(tmp_path, corpus_dir,
+                        models="{judge: {model: openai/gpt-4o-mini, api_key_env: SELFTUNE_TEST_KEY}}")
+    result = CliRunner().invoke(app, ["tune", str(path)])
+    assert result.exit_code == 2
+    assert "SELFTUNE_TEST_KEY" in result.output
+    assert not (tmp_path / "work" / "mlflow.db").exists()
