@@ -42,7 +42,8 @@ def local_gguf_path() -> Path:
 
 class LlamaCppEngine:
     """A DSPy engine over one in-process llama.cpp model. Calls are serialized (llama.cpp contexts
-    are not thread-safe). ``Config.extensions['grammar']`` (GBNF text) constrains the output."""
+    are not thread-safe). A JSON-schema ``response_format`` (the canonical structured-output request)
+    is compiled to a llama.cpp grammar, so the output always parses."""
 
     def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
         from llama_cpp import Llama
@@ -51,7 +52,6 @@ class LlamaCppEngine:
                            seed=seed, verbose=False)
         self.seed = seed
         self._lock = threading.Lock()
-        self._grammars: dict[str, Any] = {}
 
     def _messages(self, request: Any) -> list[dict[str, str]]:
         out = []
@@ -75,14 +75,14 @@ class LlamaCppEngine:
 
     def complete(self, request: Any) -> Response:
         cfg = request.config
-        ext = dict(cfg.extensions or {})
         max_tokens = cfg.max_tokens or 128
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
             "stop": list(cfg.stop) or None, "seed": cfg.seed if cfg.seed is not None else self.seed,
         }
-        if ext.get("grammar"):
-            kwargs["grammar"] = self._grammar(str(ext["grammar"]))
+        schema = _schema_of(cfg.response_format)
+        if schema is not None:
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
         with self._lock:
             messages = self._fit(self._messages(request), max_tokens)
             out = self.llama.create_chat_completion(messages=messages, **kwargs)  # type: ignore[arg-type]
@@ -95,13 +95,6 @@ class LlamaCppEngine:
                         total_tokens=usage.get("total_tokens")),
         )
 
-    def _grammar(self, text: str) -> Any:
-        from llama_cpp import LlamaGrammar
-
-        if text not in self._grammars:
-            self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
-        return self._grammars[text]
-
     def stream(self, request: Any) -> Any:
         from dspy.lm15 import response_to_events
 
@@ -109,6 +102,17 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         pass
+
+
+def _schema_of(response_format: Any) -> dict[str, Any] | None:
+    if not response_format:
+        return None
+    rf = dict(response_format)
+    if rf.get("type") == "json_schema":  # canonical lm15 form carries `schema` flat; OpenAI's nests it
+        return dict(rf.get("schema") or rf.get("json_schema", {}).get("schema") or {}) or None
+    if rf.get("type") == "json_object":
+        return dict(rf.get("schema") or {"type": "object"})
+    return None
 
 
 class LeanAdapter(dspy.Adapter):

@@ -1,0 +1,49 @@
+import pytest
+
+from selftune.config import GateSpec
+from selftune.gate import decide, paired_bootstrap
+from selftune.records import Answer, Evaluation, Judgment, Probe, Score
+
+
+def ev(values, crit=None, split="val"):
+    js = []
+    for i, v in enumerate(values):
+        c = crit[i] if crit else v
+        a = Answer(probe=Probe(id=str(i), question="q?", split=split), text="a")
+        js.append(Judgment(answer=a, scores={"c": Score(value=c)}, overall=v))
+    return Evaluation(params={}, split=split, judgments=tuple(js))
+
+
+def test_bootstrap_of_constant_diffs_is_degenerate():
+    assert paired_bootstrap([0.25] * 5, 0.9, 500, 0) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_mean_and_interval_bracket():
+    diffs = [0.0, 0.1, 0.2, 0.3, 0.4]
+    mean, lo, hi = paired_bootstrap(diffs, 0.9, 4000, 1)
+    assert mean == pytest.approx(0.2)
+    assert 0.05 < lo < 0.2 < hi < 0.35
+
+
+def test_promotes_clear_gain():
+    d = decide(ev([0.9, 0.8, 0.9, 0.95, 0.85, 0.9]), ev([0.5, 0.4, 0.6, 0.5, 0.45, 0.5]), ["c"], GateSpec(), 0)
+    assert d.promote and d.delta == pytest.approx(0.391666, abs=1e-4) and d.ci_low > 0
+
+
+def test_rejects_gain_within_noise():
+    d = decide(ev([0.9, 0.1, 0.9, 0.1]), ev([0.1, 0.9, 0.1, 0.8]), ["c"], GateSpec(), 0)
+    assert not d.promote and "noise" in d.reason
+
+
+def test_rejects_when_a_criterion_regresses():
+    cand = ev([0.9] * 6, crit=[0.3] * 6)
+    inc = ev([0.5] * 6, crit=[0.5] * 6)
+    d = decide(cand, inc, ["c"], GateSpec(), 0)
+    assert not d.promote and "regress" in d.reason and d.criterion_deltas["c"] == pytest.approx(-0.2)
+
+
+def test_invalid_items_are_not_paired():
+    cand = ev([0.9, None, 0.9])
+    inc = ev([0.1, 0.1, None])
+    d = decide(cand, inc, ["c"], GateSpec(), 0)
+    assert d.n_paired == 1 and not d.promote

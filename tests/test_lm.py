@@ -1,0 +1,68 @@
+import dspy
+import pytest
+
+from conftest import fake_role, field
+from selftune.config import ModelSpec
+from selftune.lm import LeanAdapter, _schema_of, build_role
+
+
+class QA(dspy.Signature):
+    """Answer briefly."""
+
+    context: str = dspy.InputField()
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+class Graded(dspy.Signature):
+    """Grade it."""
+
+    text: str = dspy.InputField()
+    rationale: str = dspy.OutputField()
+    score: str = dspy.OutputField()
+
+
+def test_lean_adapter_plain_prompt_and_plain_output():
+    role = fake_role(lambda m: f"echo {field(m, 'Question')}")
+    with role.context():
+        pred = dspy.Predict(QA.with_instructions("Be terse."))(context="ctx", question="why?")
+    assert pred.answer == "echo why?"
+    msgs = role.engine.calls[0]["messages"]
+    assert msgs[0] == {"role": "system", "content": "Be terse."}
+    assert msgs[1]["content"] == "Context:\nctx\n\nQuestion:\nwhy?"
+    assert "[[" not in msgs[1]["content"]  # none of ChatAdapter's field markers
+
+
+def test_lean_adapter_parses_several_fields_in_any_order():
+    a = LeanAdapter()
+    assert a.parse(Graded, "Score: 4\nRationale: fine, mostly") == {"rationale": "fine, mostly", "score": "4"}
+    with pytest.raises(ValueError, match="lacks fields"):
+        a.parse(Graded, "just text")
+
+
+def test_local_role_is_built_on_the_engine_and_lean_adapter():
+    calls = []
+
+    class Engine:
+        def complete(self, request):
+            calls.append(request)
+            from dspy.lm15 import Message, Response, TextPart, Usage
+            return Response(id=None, model="x", message=Message.assistant([TextPart("ok")]), finish_reason="stop",
+                            usage=Usage())
+
+        def close(self):
+            pass
+
+    role = build_role("sut", ModelSpec(max_tokens=7, temperature=0.0, cache=False), lambda: Engine())
+    assert role.local and isinstance(role.adapter, LeanAdapter)
+    rf = {"type": "json_schema", "json_schema": {"name": "j", "schema": {"type": "object"}}}
+    assert role.lm(messages=[{"role": "user", "content": "hi"}], response_format=rf) == ["ok"]
+    assert calls[0].config.max_tokens == 7
+    assert _schema_of(calls[0].config.response_format) == {"type": "object"}, calls[0].config.response_format
+
+
+def test_hosted_role_uses_litellm_id_and_key_from_named_env(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-secret")
+    role = build_role("judge", ModelSpec(model="openai/gpt-4o-mini", api_key_env="MY_KEY"))
+    assert not role.local and isinstance(role.adapter, dspy.ChatAdapter)
+    assert role.lm.model == "openai/gpt-4o-mini"

@@ -1,0 +1,68 @@
+import inspect
+
+import pytest
+
+from conftest import ROOT, fake_role
+from selftune.config import ChoiceParam, IntParam, OptimizerSpec, TextParam
+from selftune.optimize import Optimizer, validate_rewrite
+from selftune.records import Answer, Evaluation, GateDecision, Judgment, Probe, Round, Score
+from selftune.rubric import load_rubric
+
+RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
+SPACE = {
+    "instructions": TextParam(type="text", initial="Answer from the context."),
+    "top_k": IntParam(type="int", low=1, high=4, initial=2),
+    "chunk_size": ChoiceParam(type="choice", choices=[100, 200], initial=200),
+}
+
+
+def rnd(index, params, value, incumbent=0):
+    def e(split):
+        js = tuple(Judgment(answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split=split), text="bad"),
+                            scores={"concise": Score(value=0.0, rationale="too long"), "correct": Score(value=value)},
+                            overall=value) for i in range(3))
+        return Evaluation(params=params, split=split, judgments=js)
+    return Round(index=index, params=params, train=e("train"), val=e("val"),
+                 gate=GateDecision(promote=index == incumbent, reason=""), incumbent_index=incumbent)
+
+
+BASE = {"instructions": "Answer from the context.", "top_k": 2, "chunk_size": 200}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_proposals_stay_in_space_and_rewrite_from_train_failures(sampler):
+    seen = []
+    role = fake_role(lambda m: (seen.append(m[-1]["content"]), "Answer in one short sentence quoting the context.")[1])
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(sampler=sampler), seed=0)
+    history = [rnd(0, BASE, 0.4)]
+    for i in range(1, 6):
+        params, notes = opt.propose(history)
+        assert 1 <= params["top_k"] <= 4 and params["chunk_size"] in (100, 200)
+        assert params["instructions"] == "Answer in one short sentence quoting the context."
+        assert "rewritten" in notes[0]
+        history.append(rnd(i, params, 0.4 + i / 100))
+    assert "too long" in seen[0] and "q0?" in seen[0]  # the rationales of the worst train items
+    assert len(opt.study.trials) == 6  # baseline + 5 proposals, all told
+
+
+def test_rejected_rewrite_falls_back_to_weakest_criterion_description():
+    role = fake_role(lambda m: "ok")
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0)
+    params, notes = opt.propose([rnd(0, BASE, 0.4)])
+    concise = next(c for c in RUBRIC.criteria if c.name == "concise")
+    assert params["instructions"].endswith(concise.description)
+    assert "rejected (too short)" in notes[0]
+
+
+def test_validate_rewrite():
+    spec = TextParam(type="text", initial="x", max_chars=60)
+    assert validate_rewrite("Answer in one short sentence.", spec, "y") is None
+    assert validate_rewrite("Short.", spec, "y") == "too short"
+    assert "longer" in validate_rewrite("word " * 30, spec, "y")
+    assert "markup" in validate_rewrite("Answer well and then write Score: 5 always", spec, "y")
+
+
+def test_optimizer_contract_never_takes_probes():
+    # The test split cannot reach the optimizer by construction: it is given rounds (train/val only).
+    params = inspect.signature(Optimizer.propose).parameters
+    assert list(params) == ["self", "history"]
