@@ -31,7 +31,8 @@ class ScriptedEngine:
             msgs.append({"role": "system", "content": request.system if isinstance(request.system, str)
                          else "".join(p.text for p in request.system)})
         msgs += [{"role": m.role, "content": m.text or ""} for m in request.messages]
-        self.calls.append({"messages": msgs, "extensions": dict(request.config.extensions or {})})
+        self.calls.append({"messages": msgs, "stop": tuple(request.config.stop),
+                           "response_format": request.config.response_format})
         return Response(id=None, model="fake", message=Message.assistant([TextPart(self.script(msgs))]),
                         finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
 

@@ -54,6 +54,13 @@ def test_local_judge_requests_schema_with_rationale_first():
     judge, role = judge_with('{"rationale": "x is fine", "score": 3}')
     role.local = True
     judge.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    from selftune.lm import _schema_of
+    schema = _schema_of(role.engine.calls[0]["response_format"])
+    assert list(schema["properties"]) == ["rationale", "score"]
+    assert schema["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
+    hosted, hrole = judge_with('{"rationale": "x is fine", "score": 3}')
+    hosted.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert hrole.engine.calls[0]["response_format"] is None  # hosted replies are parsed, not constrained
     # the scripted engine sees the canonical request; the schema is the judge's structured output
     assert role.engine.calls, "judge made no call"
 

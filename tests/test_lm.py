@@ -66,3 +66,10 @@ def test_hosted_role_uses_litellm_id_and_key_from_named_env(monkeypatch):
     role = build_role("judge", ModelSpec(model="openai/gpt-4o-mini", api_key_env="MY_KEY"))
     assert not role.local and isinstance(role.adapter, dspy.ChatAdapter)
     assert role.lm.model == "openai/gpt-4o-mini"
+
+
+def test_lean_adapter_stops_at_invented_input_blocks():
+    role = fake_role(lambda m: "an answer")
+    with role.context():
+        dspy.Predict(QA)(context="c", question="q")
+    assert set(role.engine.calls[0]["stop"]) >= {"\nContext:", "\nQuestion:"}

@@ -19,6 +19,7 @@ from .records import Chunk
 log = logging.getLogger(__name__)
 
 BATCH = 64
+COSINE: Any = {"hnsw": {"space": "cosine"}}
 
 
 def default_embedder_path() -> Path:
@@ -75,19 +76,19 @@ class Index:
             return self._collections[(size, overlap)]
         name = self.collection_name(size, overlap)
         chunks = chunk_corpus(self.corpus, size, overlap)
-        col = self.client.get_or_create_collection(name, metadata={"hnsw:space": "cosine"})
+        col = self.client.get_or_create_collection(name, configuration=COSINE)
         meta = col.metadata or {}
         if not (meta.get("complete") and col.count() == len(chunks)):
             if col.count():
                 self.client.delete_collection(name)
-                col = self.client.create_collection(name, metadata={"hnsw:space": "cosine"})
+                col = self.client.create_collection(name, configuration=COSINE)
             log.info("embedding %d chunks (size=%d, overlap=%d) into %s", len(chunks), size, overlap, name)
             for i in range(0, len(chunks), BATCH * 4):
                 part = chunks[i:i + BATCH * 4]
                 col.add(ids=[c.id for c in part], documents=[c.text for c in part],
                         embeddings=self.embedder.encode([c.text for c in part]),  # type: ignore[arg-type]
                         metadatas=[{"doc": c.doc, "start": c.start, "end": c.end} for c in part])
-            col.modify(metadata={"hnsw:space": "cosine", "complete": True, "corpus": self.corpus.digest,
+            col.modify(metadata={"complete": True, "corpus": self.corpus.digest,
                                  "chunk_size": size, "chunk_overlap": overlap, "embedder": self.embedder.id})
             self.built.append(name)
         self._collections[(size, overlap)] = col

@@ -118,7 +118,14 @@ def _schema_of(response_format: Any) -> dict[str, Any] | None:
 class LeanAdapter(dspy.Adapter):
     """Plain chat prompt for small models: instructions as the system message, inputs as
     ``Title:\\nvalue`` blocks, and the completion read as the (first) output field's text. With
-    several output fields, ``Field: value`` lines are parsed, whatever their order."""
+    several output fields, ``Field: value`` lines are parsed, whatever their order. Generation stops
+    where a small model starts inventing the next input block (``\nQuestion:`` and the like)."""
+
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: list[dict[str, Any]],
+                 inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        stops = [f"\n{_title(n)}:" for n in signature.input_fields]
+        lm_kwargs = {**lm_kwargs, "stop": list(lm_kwargs.get("stop") or []) + stops}
+        return super().__call__(lm, lm_kwargs, signature, demos, inputs)
 
     def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
         def block(fields: Any, values: dict[str, Any]) -> str:

@@ -1,0 +1,112 @@
+"""The whole loop on fake LMs, with a real chromadb, the real embedder and a real MLflow store."""
+
+import json
+import re
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import fake_role, field, write_config
+from selftune.config import load_config
+from selftune.loop import Session, tune
+from selftune.tracking import MlflowTracker
+
+
+class FakeModels:
+    """Roles by name: generator asks about the sentence, the SUT quotes its first context line,
+    the judge gives 4, the optimizer proposes a fixed rewrite."""
+
+    def __init__(self):
+        def sut(m):
+            ctx = field(m, "Context")
+            return re.sub(r"^\[\d+\] \([^)]*\) ", "", ctx.split("\n\n")[0])[:200]
+
+        self.roles = {
+            "generator": fake_role(lambda m: f"What is said about {' '.join(field(m, 'Sentence').split()[1:4])}?"),
+            "sut": fake_role(sut),
+            "judge": fake_role(lambda m: json.dumps({"rationale": "looks grounded", "score": 4})),
+            "optimizer": fake_role(lambda m: "Quote the single most relevant sentence of the context."),
+        }
+
+    def role(self, name):
+        return self.roles[name]
+
+
+def no_progress(it, **_):
+    return it
+
+
+def run(tmp_path, corpus_dir, rounds=2, **cfg_over):
+    cfg = load_config(write_config(tmp_path, corpus_dir, **cfg_over))
+    models = FakeModels()
+    session = Session(cfg, models=models)
+    tracker = MlflowTracker(cfg)
+    return cfg, models, tune(session, rounds, tracker, no_progress), tracker
+
+
+def test_loop_records_rounds_in_mlflow(tmp_path, corpus_dir):
+    cfg, models, result, tracker = run(tmp_path, corpus_dir)
+    assert [r.index for r in result.rounds] == [0, 1, 2]
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED"
+    assert {"gain/val", "gain/test", "test/best_overall", "judge/valid_rate"} <= set(parent.data.metrics)
+    hist = client.get_metric_history(tracker.parent_id, "candidate/val_overall")
+    assert [m.step for m in hist] == [0, 1, 2]
+    arts = {a.path for a in client.list_artifacts(tracker.parent_id)}
+    assert {"best.yaml", "config", "probes", "tables", "report.md"} <= arts
+    probe_files = {a.path for a in client.list_artifacts(tracker.parent_id, "probes")}
+    assert {"probes/train.jsonl", "probes/val.jsonl", "probes/test.jsonl"} <= probe_files
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
+    assert len(children) == 3
+    for child in children:
+        assert {"val/overall", "val/grounded", "val/retrieval_hit", "train/overall"} <= set(child.data.metrics)
+        assert child.data.params["top_k"] in {"1", "2", "3"}
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "tables")} == {"tables/train.json", "tables/val.json"}
+    assert parent.data.metrics["judge/valid_rate"] == 1.0
+
+
+def test_test_split_is_never_seen_before_the_end(tmp_path, corpus_dir):
+    cfg, models, result, _ = run(tmp_path, corpus_dir)
+    test_ids = {j.answer.probe.id for j in result.test_baseline.judgments}
+    assert test_ids
+    for r in result.rounds:
+        assert test_ids.isdisjoint(j.answer.probe.id for e in (r.train, r.val) for j in e.judgments)
+    # the optimizer's prompts never contain a test question
+    test_qs = [j.answer.probe.question for j in result.test_baseline.judgments]
+    for call in models.roles["optimizer"].engine.calls:
+        assert not any(q in call["messages"][-1]["content"] for q in test_qs)
+
+
+def test_probes_are_frozen_and_reused(tmp_path, corpus_dir):
+    _, models, first, _ = run(tmp_path, corpus_dir, rounds=0)
+    n_gen = len(models.roles["generator"].engine.calls)
+    _, models2, second, _ = run(tmp_path, corpus_dir, rounds=0)
+    assert n_gen > 0 and models2.roles["generator"].engine.calls == []
+    ids = lambda res: sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
+    assert ids(first) == ids(second)
+
+
+def test_interrupt_keeps_finished_rounds(tmp_path, corpus_dir, monkeypatch):
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    session = Session(cfg, models=FakeModels())
+    tracker = MlflowTracker(cfg)
+    original = tracker.round
+    calls = []
+
+    def round_then_interrupt(rnd):
+        original(rnd)
+        calls.append(rnd.index)
+        if rnd.index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker, "round", round_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tune(session, 3, tracker, no_progress)
+    client = MlflowClient(cfg.tracking_uri())
+    assert client.get_run(tracker.parent_id).info.status == "KILLED"
+    children = client.search_runs([client.get_run(tracker.parent_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
+    assert sorted(c.data.tags["selftune.round"] for c in children) == ["0", "1"]
+    assert all(c.info.status == "FINISHED" for c in children)
