@@ -31,9 +31,21 @@ class ScriptedEngine:
             msgs.append({"role": "system", "content": request.system if isinstance(request.system, str)
                          else "".join(p.text for p in request.system)})
         msgs += [{"role": m.role, "content": m.text or ""} for m in request.messages]
-        self.calls.append({"messages": msgs, "stop": tuple(request.config.stop),
-                           "response_format": request.config.response_format})
-        return Response(id=None, model="fake", message=Message.assistant([TextPart(self.script(msgs))]),
+        cfg = request.config
+        self.calls.append({"messages": msgs, "stop": tuple(cfg.stop), "response_format": cfg.response_format,
+                           "logprobs": cfg.logprobs})
+        text = self.script(msgs)
+        logprobs = None
+        if cfg.logprobs is not None and cfg.max_tokens == 1:
+            # the script answers "token:prob token:prob ..." for a next-token distribution
+            import math
+
+            from dspy.lm15 import TokenLogprob, TopLogprob
+            pairs = [(t.rsplit(":", 1)[0], float(t.rsplit(":", 1)[1])) for t in text.split()]
+            top = tuple(TopLogprob(token=t, logprob=math.log(p)) for t, p in pairs)
+            logprobs = (TokenLogprob(token=top[0].token, logprob=top[0].logprob, top=top),)
+            text = top[0].token
+        return Response(id=None, model="fake", message=Message.assistant([TextPart(text)]), logprobs=logprobs,
                         finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
 
     def stream(self, request):

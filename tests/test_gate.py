@@ -35,6 +35,11 @@ def test_rejects_gain_within_noise():
     assert not d.promote and "noise" in d.reason
 
 
+def test_clear_loss_is_called_a_loss():
+    d = decide(ev([0.1, 0.2, 0.1, 0.2]), ev([0.8, 0.9, 0.8, 0.9]), ["c"], GateSpec(), 0)
+    assert not d.promote and d.reason.startswith("worse than the incumbent by 0.700")
+
+
 def test_rejects_when_a_criterion_regresses():
     cand = ev([0.9] * 6, crit=[0.3] * 6)
     inc = ev([0.5] * 6, crit=[0.5] * 6)

@@ -22,7 +22,8 @@ class FakeModels:
             return re.sub(r"^\[\d+\] \([^)]*\) ", "", ctx.split("\n\n")[0])[:200]
 
         self.roles = {
-            "generator": fake_role(lambda m: f"What is said about {' '.join(field(m, 'Sentence').split()[1:4])}?"),
+            "generator": fake_role(lambda m: json.dumps(
+                {"question": f"What is said about {' '.join(m[-1]['content'].split()[2:5])}?"})),
             "sut": fake_role(sut),
             "judge": fake_role(lambda m: json.dumps({"rationale": "looks grounded", "score": 4})),
             "optimizer": fake_role(lambda m: "Quote the single most relevant sentence of the context."),

@@ -1,4 +1,6 @@
-from conftest import DOCS, fake_role, field
+import json
+
+from conftest import DOCS, fake_role
 from selftune.config import SplitSpec
 from selftune.corpus import chunk_text
 from selftune.probes import assign_splits, candidate_sentences, clean_question, digest, load_user_probes, synthesize
@@ -23,21 +25,43 @@ def test_candidate_sentences_have_document_offsets():
         assert DOCS["assert.txt"][start:end] == s
 
 
-def test_synthesize_drops_malformed_and_duplicates_and_keeps_source():
-    replies = iter(["", "What does the statement do?", "What does the statement do?", "not a question",
-                    *[f"Which rule number {i} applies here?" for i in range(40)]])
-    role = fake_role(lambda m: next(replies))
+def test_synthesize_drops_malformed_offtopic_and_duplicates_and_keeps_source():
+    from selftune.probes import content_words
+    script = iter(["", "What does the statement do?", "same", "same", "not a question"])
+
+    def reply(m):
+        sentence = m[-1]["content"].removeprefix("Sentence: ")
+        kw = sorted(content_words(sentence))
+        r = next(script, "topic")
+        if r == "same":
+            return f"What is said about {kw[0]} and {kw[1]}?"
+        if r == "topic":
+            return f"What does the text say of {kw[0]} and {kw[1]} and {kw[2]}?"
+        return r
+
+    role = fake_role(reply)
     probes, stats = synthesize(chunks(), role, count=4, seed=3, max_attempts=20)
     assert len(probes) == 4
-    # the empty reply is refused by DSPy itself (counted as an error), the other two are filtered here
-    assert stats["errors"] == 1 and stats["dropped_malformed"] == 1 and stats["dropped_duplicate"] == 1
+    # "" and "not a question" are malformed; "What does the statement do?" shares too few words
+    assert stats["errors"] == 0 and stats["dropped_malformed"] == 2 and stats["dropped_offtopic"] == 1
     for p in probes:
         assert p.reference and DOCS[p.source_doc][p.source_start:p.source_end] == p.reference
         assert p.source_chunk_ids
 
 
+def test_near_duplicates_are_dropped(monkeypatch):
+    import selftune.probes as P
+    monkeypatch.setattr(P, "on_topic", lambda q, s: True)
+    replies = iter(["What is said about the pass statement?", "What is said about the pass statement here?",
+                    "What is said about the break statement?"])
+    probes, stats = synthesize(chunks(), fake_role(lambda m: next(replies)), 3, 0, 3)
+    assert [p.question for p in probes] == ["What is said about the pass statement?",
+                                            "What is said about the break statement?"]
+    assert stats["dropped_duplicate"] == 1
+
+
 def test_generator_sees_the_sentence():
-    role = fake_role(lambda m: f"What is meant by: {field(m, 'Sentence')[:30]}?")
+    role = fake_role(lambda m: json.dumps({"question": f"What is meant by: {m[-1]['content'][10:60]}?"}))
     probes, _ = synthesize(chunks(), role, count=2, seed=0, max_attempts=5)
     assert all(p.reference[:20] in p.question for p in probes)
 
@@ -63,3 +87,19 @@ def test_user_probes_jsonl(tmp_path):
     from selftune.errors import InputError
     with pytest.raises(InputError, match="line 1.question"):
         load_user_probes(p)
+
+
+def test_local_generator_is_schema_constrained_with_demos():
+    role = fake_role(lambda m: '{"question": "What does the statement do?"}', local=True)
+    probes, _ = synthesize(chunks(), role, count=1, seed=0, max_attempts=3)
+    call = role.engine.calls[0]
+    assert probes[0].question == "What does the statement do?"
+    assert call["response_format"]["schema"]["properties"]["question"]["pattern"].endswith("[?]$")
+    assert [m["role"] for m in call["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+
+
+def test_off_topic_questions_are_dropped():
+    from selftune.probes import on_topic
+    s = "The pass statement is a null operation; nothing happens when it executes."
+    assert on_topic("What happens when the pass statement executes?", s)
+    assert not on_topic("What is the purpose of the built-in class def?", s)

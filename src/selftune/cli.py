@@ -65,7 +65,10 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
 
         session = Session(cfg)
         tracker = MlflowTracker(cfg)
-        result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, _progress)
+        try:
+            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, _progress)
+        finally:
+            session.close()
     except InputError as err:
         _fail(err)
     except KeyboardInterrupt:
@@ -110,7 +113,10 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
                 raise InputError(path, f"params.{unknown[0]}", f"unknown param; expected one of {sorted(chosen)}")
             chosen.update(data["params"])
         session = Session(cfg)
-        ev = session.evaluate(chosen, probes, "test", _progress)
+        try:
+            ev = session.evaluate(chosen, probes, "test", _progress)
+        finally:
+            session.close()
     except InputError as err:
         _fail(err)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,14 @@ class GateSpec(Strict):
     max_criterion_drop: float = Field(0.02, ge=0.0, le=1.0)
 
 
+class JudgeSpec(Strict):
+    """How LLM criteria are scored. ``logprobs``: rationale, then the expected score under the
+    probabilities of the scale tokens (G-Eval); ``json``: rationale and score as one JSON object
+    (schema-constrained on the local model). ``auto``: logprobs on the local model, json on hosted."""
+
+    method: Literal["auto", "logprobs", "json"] = "auto"
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the workdir")
     experiment: str = "selftune"
@@ -137,6 +145,7 @@ class Config(Strict):
     sut: SutSpec
     optimizer: OptimizerSpec = OptimizerSpec()
     gate: GateSpec = GateSpec()
+    judge: JudgeSpec = JudgeSpec()
     tracking: TrackingSpec = TrackingSpec()
     # Set by load_config: where this config came from (for error messages and artifacts).
     source: Path | None = None

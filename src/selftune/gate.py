@@ -36,8 +36,10 @@ def decide(candidate: Evaluation, incumbent: Evaluation, criteria: list[str], sp
     drops = sorted(n for n, d in crit.items() if d < -spec.max_criterion_drop)
     common = dict(delta=mean, ci_low=low, ci_high=high, n_paired=len(diffs), criterion_deltas=crit)
     pct = int(spec.confidence * 100)
+    if high < 0:
+        return GateDecision(promote=False, reason=f"worse than the incumbent by {-mean:.3f} ({pct}% CI [{low:+.3f}, {high:+.3f}])", **common)
     if low <= spec.min_gain:
-        return GateDecision(promote=False, reason=f"gain {mean:+.3f} within noise ({pct}% CI [{low:+.3f}, {high:+.3f}])", **common)
+        return GateDecision(promote=False, reason=f"gain {mean:+.3f} not above {spec.min_gain} beyond noise ({pct}% CI [{low:+.3f}, {high:+.3f}])", **common)
     if drops:
         return GateDecision(promote=False, reason=f"criteria regress: {', '.join(drops)}", **common)
     return GateDecision(promote=True, reason=f"gain {mean:+.3f}, {pct}% CI [{low:+.3f}, {high:+.3f}] above {spec.min_gain}", **common)

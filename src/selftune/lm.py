@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import Config as LMConfig
+from dspy.lm15 import Message, Request, Response, TextPart, Usage
 
 from .config import ROLES, Config, ModelSpec
 from .errors import InputError
@@ -42,16 +43,29 @@ def local_gguf_path() -> Path:
 
 class LlamaCppEngine:
     """A DSPy engine over one in-process llama.cpp model. Calls are serialized (llama.cpp contexts
-    are not thread-safe). A JSON-schema ``response_format`` (the canonical structured-output request)
-    is compiled to a llama.cpp grammar, so the output always parses."""
+    are not thread-safe). Beyond plain chat it honours three canonical request features:
+
+    - a JSON-schema ``response_format``, compiled to a llama.cpp grammar (the output always parses);
+    - a final *assistant* message, continued rather than answered (prefill);
+    - ``logprobs=n`` with ``max_tokens=1``: the next-token distribution (top ``n``) from one forward
+      pass, which is how the judge reads scale-token probabilities (G-Eval) without sampling.
+
+    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache)."""
 
     def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
         from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llama = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2,
                            seed=seed, verbose=False)
+        meta = self.llama.metadata
+        eos = self.llama._model.token_get_text(self.llama.token_eos())
+        self.eos_text = eos
+        self.formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], eos_token=eos,
+                                             bos_token=self.llama._model.token_get_text(self.llama.token_bos()))
         self.seed = seed
         self._lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
 
     def _messages(self, request: Any) -> list[dict[str, str]]:
         out = []
@@ -61,13 +75,17 @@ class LlamaCppEngine:
         out.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         return out
 
-    def _fit(self, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
-        """Trim the longest message so prompt + output fits the context (tiny model, small window)."""
-        budget = N_CTX - max_tokens - 64
+    def _prompt(self, messages: list[dict[str, str]], max_tokens: int) -> str:
+        """Chat template applied; a trailing assistant message is left open (prefill). The longest
+        message is trimmed when prompt + output would not fit the context (small window)."""
+        budget = N_CTX - max_tokens - 16
         while True:
-            n = sum(len(self.llama.tokenize(m["content"].encode(), add_bos=False)) + 8 for m in messages)
+            prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+            head = messages[:-1] if prefill is not None else messages
+            prompt = self.formatter(messages=head).prompt + (prefill or "")
+            n = len(self.llama.tokenize(prompt.encode(), add_bos=False, special=True))
             if n <= budget:
-                return messages
+                return prompt
             i = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
             text = messages[i]["content"]
             cut = max(len(text) - int((n - budget) * 4) - 16, len(text) // 2)
@@ -76,24 +94,63 @@ class LlamaCppEngine:
     def complete(self, request: Any) -> Response:
         cfg = request.config
         max_tokens = cfg.max_tokens or 128
-        kwargs: dict[str, Any] = {
-            "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
-            "stop": list(cfg.stop) or None, "seed": cfg.seed if cfg.seed is not None else self.seed,
-        }
-        schema = _schema_of(cfg.response_format)
-        if schema is not None:
-            kwargs["response_format"] = {"type": "json_object", "schema": schema}
         with self._lock:
-            messages = self._fit(self._messages(request), max_tokens)
-            out = self.llama.create_chat_completion(messages=messages, **kwargs)  # type: ignore[arg-type]
+            prompt = self._prompt(self._messages(request), max_tokens)
+            if cfg.logprobs is not None and max_tokens == 1:
+                return self._next_token(prompt, max(cfg.logprobs, 1))
+            kwargs: dict[str, Any] = {
+                "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
+                "stop": [*cfg.stop, self.eos_text], "seed": cfg.seed if cfg.seed is not None else self.seed,
+            }
+            schema = _schema_of(cfg.response_format)
+            if schema is not None:
+                kwargs["grammar"] = self._grammar(schema)
+            out = self.llama.create_completion(prompt=prompt, **kwargs)
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Response(
-            id=out.get("id"), model=LOCAL_MODEL_ID, message=Message.assistant([TextPart(choice["message"]["content"] or "")]),
+            id=out.get("id"), model=LOCAL_MODEL_ID, message=Message.assistant([TextPart(choice["text"] or "")]),
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
                         total_tokens=usage.get("total_tokens")),
         )
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        import json
+
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        return self._grammars[key]
+
+    def _next_token(self, prompt: str, top: int) -> Response:
+        import llama_cpp
+        import numpy as np
+        from dspy.lm15 import TokenLogprob, TopLogprob
+
+        llm = self.llama
+        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        # Reuse the KV cache for the prefix shared with the previous call; evaluate at least one token.
+        shared = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1]):
+            if a != b:
+                break
+            shared += 1
+        llm.n_tokens = shared
+        llm.eval(tokens[shared:])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)).astype(np.float64)
+        logp = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+        best = np.argsort(-logp)[:top]
+        alts = tuple(TopLogprob(token=llm.detokenize([int(t)]).decode("utf-8", "replace"), logprob=float(logp[t]),
+                                token_id=int(t)) for t in best)
+        chosen = alts[0]
+        return Response(id=None, model=LOCAL_MODEL_ID, message=Message.assistant([TextPart(chosen.token)]),
+                        finish_reason="length",
+                        usage=Usage(input_tokens=len(tokens), output_tokens=1, total_tokens=len(tokens) + 1),
+                        logprobs=(TokenLogprob(token=chosen.token, logprob=chosen.logprob, token_id=chosen.token_id,
+                                               top=alts),))
 
     def stream(self, request: Any) -> Any:
         from dspy.lm15 import response_to_events
@@ -101,7 +158,33 @@ class LlamaCppEngine:
         return response_to_events(self.complete(request))
 
     def close(self) -> None:
-        pass
+        self.llama.close()
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The outermost ``{...}`` in ``text`` as a dict, or None."""
+    import json
+
+    try:
+        obj = json.loads(text[text.index("{"): text.rindex("}") + 1])
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """One structured call: ``turns`` are (``user``|``assistant``, text), ending with a user turn.
+
+    On the local model the reply is constrained by ``schema`` (canonical lm15 ``response_format``);
+    a hosted model is asked in the prompt and parsed leniently, since not every provider honours
+    schemas. Returns (the parsed object or None, the raw text)."""
+    messages = tuple(Message.user(t) if r == "user" else Message.assistant(t) for r, t in turns)
+    kw = role.lm.kwargs
+    config = LMConfig(max_tokens=kw.get("max_tokens"), temperature=kw.get("temperature"),
+                      response_format={"type": "json_schema", "name": "reply", "schema": schema} if role.local else None)
+    response = role.lm(Request(model=role.lm.model, system=system, messages=messages, config=config))
+    text = response.text or ""
+    return parse_json_object(text), text
 
 
 def _schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -199,6 +282,13 @@ class Models:
         if self._engine is None:
             self._engine = LlamaCppEngine(local_gguf_path(), seed=self.cfg.seed)
         return self._engine
+
+    def close(self) -> None:
+        """Free the local model now, not in a finalizer at interpreter exit (where llama.cpp's
+        bindings may already be gone)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def role(self, name: str) -> Role:
         if name not in self._roles:

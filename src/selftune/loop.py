@@ -65,7 +65,11 @@ class Session:
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
         judge_role = self.models.role("judge") if self.rubric.llm_criteria() else None
-        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed)
+        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method)
+
+    def close(self) -> None:
+        if isinstance(self.models, Models):
+            self.models.close()
 
     def evaluate(self, params: Params, probes: list[Probe], split: Split, progress: Progress) -> Evaluation:
         """Answer and judge every probe. Per-item failures are recorded; all failing raises."""
@@ -82,7 +86,8 @@ class Session:
         """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
         cfg = self.cfg
         gen = cfg.models.generator
-        key = P.digest([]) if False else f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
+        key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
+               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
         params = initial_params(cfg)
         if cache.is_file():

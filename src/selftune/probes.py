@@ -15,24 +15,34 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import dspy
-
 from .checks import words
 from .config import SplitSpec
 from .errors import InputError
-from .lm import Role
+from .lm import Role, ask_json
 from .records import Chunk, Probe, Split
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+SYNTH_VERSION = 3  # part of the probe cache key: bump when synthesis changes
 _SENT = re.compile(r"[^.!?\n]+[.!?]")
 
 
-class WriteQuestion(dspy.Signature):
-    """Write one short question that the sentence answers. Output only the question."""
+QUESTION_SYSTEM = "You write quiz questions. Given a sentence, write one question that the sentence answers. Reply with JSON."
+# Shape, not content: the schema keeps a 135M model's output a single well-formed question.
+QUESTION_SCHEMA = {"type": "object", "required": ["question"], "properties": {"question": {
+    "type": "string", "pattern": "^(What|Which|How|When|Why|Where|Who|Does|Is|Can) [^?\\n]{10,120}[?]$"}}}
+DEMOS = [  # written for this project, not taken from any corpus
+    ("The pass statement is a null operation; nothing happens when it executes.",
+     "What happens when the pass statement executes?"),
+    ("A generator function returns an iterator known as a generator object.", "What does a generator function return?"),
+]
 
-    passage: str = dspy.InputField()
-    sentence: str = dspy.InputField()
-    question: str = dspy.OutputField()
+
+def write_question(role: Role, sentence: str) -> str:
+    turns: list[tuple[str, str]] = []
+    for s, q in DEMOS:
+        turns += [("user", f"Sentence: {s}"), ("assistant", json.dumps({"question": q}))]
+    obj, text = ask_json(role, QUESTION_SYSTEM, [*turns, ("user", f"Sentence: {sentence}")], QUESTION_SCHEMA)
+    return str(obj["question"]) if obj and "question" in obj else text
 
 
 def candidate_sentences(chunk: Chunk) -> list[tuple[int, int, str]]:
@@ -42,7 +52,7 @@ def candidate_sentences(chunk: Chunk) -> list[tuple[int, int, str]]:
         s = m.group(0).strip()
         n = len(s.split())
         letters = sum(ch.isalpha() or ch.isspace() for ch in s) / max(len(s), 1)
-        if 8 <= n <= 40 and letters > 0.85:
+        if 8 <= n <= 40 and letters > 0.85 and s[0].isupper():
             start = chunk.start + m.start() + (len(m.group(0)) - len(m.group(0).lstrip()))
             out.append((start, start + len(s), s))
     return out
@@ -60,6 +70,20 @@ def clean_question(raw: str) -> str | None:
     return q
 
 
+_STOP = set("what which when where why who how does is are can the this that these those with from into for "
+             "and but not its their there then than been being have has had will would should could about "
+             "your more most such only also other some each used uses using".split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in words(text) if len(w) > 3 and w not in _STOP}
+
+
+def on_topic(question: str, sentence: str, min_shared: int = 2) -> bool:
+    """The question shares at least ``min_shared`` content words with the sentence it came from."""
+    return len(content_words(question) & content_words(sentence)) >= min(min_shared, len(content_words(sentence)))
+
+
 def _near_duplicate(q: str, seen: list[set[str]]) -> bool:
     w = set(words(q))
     return any(len(w & s) / max(len(w | s), 1) > 0.8 for s in seen)
@@ -74,24 +98,25 @@ def synthesize(chunks: list[Chunk], role: Role, count: int, seed: int, max_attem
     if not pool:
         raise InputError("corpus", "corpus.path", "expected documents with prose sentences (8-40 words); found none")
     rng.shuffle(pool)
-    stats = {"attempts": 0, "dropped_malformed": 0, "dropped_duplicate": 0, "errors": 0}
+    stats = {"attempts": 0, "dropped_malformed": 0, "dropped_offtopic": 0, "dropped_duplicate": 0, "errors": 0}
     probes: list[Probe] = []
     seen: list[set[str]] = []
-    gen = dspy.Predict(WriteQuestion)
     for i in progress(range(min(max_attempts, len(pool)))):
         if len(probes) >= count:
             break
         chunk, (start, end, sentence) = pool[i]
         stats["attempts"] += 1
         try:
-            with role.context():
-                raw = gen(passage=chunk.text[:1200], sentence=sentence).question
+            raw = write_question(role, sentence)
         except Exception:
             stats["errors"] += 1
             continue
         q = clean_question(str(raw))
         if q is None or q.lower().rstrip("?") in sentence.lower():
             stats["dropped_malformed"] += 1
+            continue
+        if not on_topic(q, sentence):
+            stats["dropped_offtopic"] += 1
             continue
         if _near_duplicate(q, seen):
             stats["dropped_duplicate"] += 1
