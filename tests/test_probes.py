@@ -90,10 +90,15 @@ def test_user_probes_jsonl(tmp_path):
 
 
 def test_local_generator_is_schema_constrained_with_demos():
-    role = fake_role(lambda m: '{"question": "What does the statement do?"}', local=True)
+    from selftune.probes import content_words
+
+    def reply(m):
+        kw = sorted(content_words(m[-1]["content"].removeprefix("Sentence: ")))
+        return json.dumps({"question": f"What is said about {kw[0]} and {kw[1]}?"})
+    role = fake_role(reply, local=True)
     probes, _ = synthesize(chunks(), role, count=1, seed=0, max_attempts=3)
     call = role.engine.calls[0]
-    assert probes[0].question == "What does the statement do?"
+    assert probes[0].question.startswith("What is said about")
     assert call["response_format"]["schema"]["properties"]["question"]["pattern"].endswith("[?]$")
     assert [m["role"] for m in call["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
 
