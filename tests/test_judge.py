@@ -63,18 +63,18 @@ def test_scale_expectation_hand_computed():
 
 def test_local_judge_scores_by_scale_token_probabilities():
     def script(m):
-        if m[-1]["content"].endswith("Rationale:"):
-            return " it restates the context"
-        assert "Rationale: it restates the context" in m[-1]["content"]
+        if m[-1]["content"].endswith("Rationale: The answer"):
+            return " restates the context"
+        assert "Rationale: The answer restates the context\nScore (1-5): " in m[-1]["content"]
         return "4:0.6 2:0.2 The:0.2"
     role = fake_role(script, local=True)
     judge = Judge(RUBRIC, role, seed=0)
     j = judge.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
     g = j.scores["grounded"]
     assert g.raw == pytest.approx((4 * 0.6 + 2 * 0.2) / 0.8) and g.value == pytest.approx((3.5 - 1) / 4)
-    assert g.rationale == "it restates the context"
-    assert role.engine.calls[0]["stop"] == ("\n",) and role.engine.calls[1]["logprobs"] == 20
-    nomass = Judge(RUBRIC, fake_role(lambda m: "ok" if m[-1]["content"].endswith(":") else "The:0.9", local=True))
+    assert g.rationale == "The answer restates the context"
+    assert role.engine.calls[0]["stop"] == ("\n", "Score") and role.engine.calls[1]["logprobs"] == 20
+    nomass = Judge(RUBRIC, fake_role(lambda m: " is ok" if m[-1]["content"].endswith("answer") else "The:0.9", local=True))
     assert nomass.judge(Answer(probe=PROBE, text="x", contexts=CTX)).scores["grounded"].status == "invalid"
 
 

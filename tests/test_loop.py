@@ -80,11 +80,16 @@ def test_test_split_is_never_seen_before_the_end(tmp_path, corpus_dir):
         assert not any(q in call["messages"][-1]["content"] for q in test_qs)
 
 
-def test_probes_are_frozen_and_reused(tmp_path, corpus_dir):
-    _, models, first, _ = run(tmp_path, corpus_dir, rounds=0)
+def test_rerun_reuses_probes_and_embeds_no_chunk(tmp_path, corpus_dir):
+    _, models, first, _ = run(tmp_path, corpus_dir, rounds=1)
     n_gen = len(models.roles["generator"].engine.calls)
-    _, models2, second, _ = run(tmp_path, corpus_dir, rounds=0)
+    assert first.stats["index_collections_built"] >= 1
+    _, models2, second, _ = run(tmp_path, corpus_dir, rounds=1)
     assert n_gen > 0 and models2.roles["generator"].engine.calls == []
+    assert second.stats["index_collections_built"] == 0
+    n_queries = sum(len(e.judgments) for r in second.rounds for e in (r.train, r.val)) + len(second.test_baseline.judgments)
+    n_queries += 0 if second.best.index == 0 else len(second.test_best.judgments)
+    assert second.stats["texts_embedded"] == n_queries  # only the questions were embedded
     ids = lambda res: sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
     assert ids(first) == ids(second)
 

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 
-def materialize(dest: Path) -> int:
+def materialize(dest: Path, only: list[str] | None = None) -> int:
+    """Write each topic as ``<topic>.txt``; ``only`` picks a subset (the end-to-end tests use one)."""
     from pydoc_data.topics import topics
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name, text in sorted(topics.items()):
+    chosen = {k: v for k, v in topics.items() if only is None or k in only}
+    for name, text in sorted(chosen.items()):
         safe = re.sub(r"[^a-z0-9_-]+", "-", name.lower())
         (dest / f"{safe}.txt").write_text(text.strip() + "\n", encoding="utf-8")
     (dest / "SOURCE").write_text(f"CPython {sys.version.split()[0]} pydoc_data.topics; generated, not committed\n")
-    return len(topics)
+    return len(chosen)
 
 
 if __name__ == "__main__":

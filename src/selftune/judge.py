@@ -154,9 +154,13 @@ class Judge:
         assert self.role is not None
         lm = self.role.lm
         prompt = (Message.user(user + "\n\nWrite one sentence of rationale, then the score."),)
-        first = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant("Rationale:")),
-                           config=LMConfig(max_tokens=lm.kwargs.get("max_tokens"), temperature=0.0, stop=("\n",))))
-        rationale = (first.text or "").strip()
+        # The rationale is prefilled with its subject so a small model writes a sentence about the
+        # answer (left open, SmolLM2 often emits a blank line and nothing else); one line is kept.
+        lead = "Rationale: The answer"
+        first = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(lead)),
+                           config=LMConfig(max_tokens=lm.kwargs.get("max_tokens"), temperature=0.0,
+                                           stop=("\n", "Score"))))
+        rationale = ("The answer" + (first.text or "").split("<<")[0]).strip()
         prefill = f"Rationale: {rationale}\nScore ({lo}-{hi}): "
         second = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(prefill)),
                             config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))

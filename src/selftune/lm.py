@@ -271,29 +271,31 @@ def check_credentials(cfg: Config) -> None:
 
 
 class Models:
-    """Builds each role's LM once; the local llama.cpp model is loaded once and shared by roles."""
+    """Builds each role's LM once. Each local role gets its own llama.cpp context (the weights are
+    memory-mapped, so a context costs only its KV cache, ~100 MB): the judge's and the SUT's fixed
+    prompt prefixes then stay cached between items instead of evicting each other."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self._engine: LlamaCppEngine | None = None
+        self._engines: dict[str, LlamaCppEngine] = {}
         self._roles: dict[str, Role] = {}
 
-    def engine(self) -> LlamaCppEngine:
-        if self._engine is None:
-            self._engine = LlamaCppEngine(local_gguf_path(), seed=self.cfg.seed)
-        return self._engine
+    def engine(self, role: str) -> LlamaCppEngine:
+        if role not in self._engines:
+            self._engines[role] = LlamaCppEngine(local_gguf_path(), seed=self.cfg.seed)
+        return self._engines[role]
 
     def close(self) -> None:
-        """Free the local model now, not in a finalizer at interpreter exit (where llama.cpp's
+        """Free the local models now, not in a finalizer at interpreter exit (where llama.cpp's
         bindings may already be gone)."""
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
 
     def role(self, name: str) -> Role:
         if name not in self._roles:
             spec: ModelSpec = getattr(self.cfg.models, name)
-            self._roles[name] = build_role(name, spec, self.engine if spec.model == "local" else None)
+            self._roles[name] = build_role(name, spec, (lambda: self.engine(name)) if spec.model == "local" else None)
         return self._roles[name]
 
 
