@@ -1,0 +1,131 @@
+"""How far the judge can be trusted: the statistics, as plain functions over numbers.
+
+- test-retest: the same items judged twice (cache bypassed); the flip rate of the pass/fail verdict
+  and the within-item standard deviation of the score;
+- position consistency: pairwise verdicts judged in both orders; how often the winner survives the swap;
+- length bias: the correlation of score with answer length;
+- agreement with human labels (or another judge): Cohen's kappa (linear/quadratic weights for ordinal
+  scales), Spearman's rho, a percentile bootstrap interval for either, and the confusion table.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+Verdict = Literal["A", "B", "tie"]
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r; None with fewer than 3 pairs or a constant side."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError("x and y differ in length")
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    return pearson(ranks(x), ranks(y))
+
+
+def confusion(a: Sequence[int], b: Sequence[int], levels: Sequence[int]) -> list[list[int]]:
+    """``table[i][j]``: items rated ``levels[i]`` by ``a`` and ``levels[j]`` by ``b``."""
+    index = {lvl: i for i, lvl in enumerate(levels)}
+    table = [[0] * len(levels) for _ in levels]
+    for u, v in zip(a, b):
+        table[index[u]][index[v]] += 1
+    return table
+
+
+def cohen_kappa(a: Sequence[int], b: Sequence[int], levels: Sequence[int],
+                weights: Literal["none", "linear", "quadratic"] = "none") -> float | None:
+    """Cohen's kappa of two raters over ``levels`` (ordered); weighted for ordinal scales.
+    None when it is undefined (no items, or chance agreement is already perfect)."""
+    n = len(a)
+    if n == 0:
+        return None
+    k = len(levels)
+    table = confusion(a, b, levels)
+    rows = [sum(r) for r in table]
+    cols = [sum(table[i][j] for i in range(k)) for j in range(k)]
+
+    def w(i: int, j: int) -> float:  # disagreement weight
+        if weights == "none":
+            return 0.0 if i == j else 1.0
+        d = abs(i - j) / (k - 1)
+        return d if weights == "linear" else d * d
+
+    observed = sum(w(i, j) * table[i][j] for i in range(k) for j in range(k)) / n
+    expected = sum(w(i, j) * rows[i] * cols[j] for i in range(k) for j in range(k)) / (n * n)
+    if expected == 0:
+        return None
+    return 1.0 - observed / expected
+
+
+def bootstrap_ci(stat: Callable[[list[int]], float | None], n: int, confidence: float = 0.95,
+                 resamples: int = 1000, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile interval of ``stat(indices)`` over resampled item indices (undefined draws skipped)."""
+    if n == 0:
+        return None, None
+    rng = random.Random(seed)
+    values = sorted(v for v in (stat([rng.randrange(n) for _ in range(n)]) for _ in range(resamples)) if v is not None)
+    if not values:
+        return None, None
+    tail = (1 - confidence) / 2
+    return values[int(tail * (len(values) - 1))], values[int((1 - tail) * (len(values) - 1))]
+
+
+def retest_stats(first: Sequence[float], second: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """Two judgments of the same items (normalized scores). ``flip_rate``: share of items whose
+    pass/fail verdict (score >= threshold) changed; ``score_sd``: within-item standard deviation,
+    sqrt(mean((a - b)^2) / 2); ``mean_abs_diff``."""
+    if len(first) != len(second):
+        raise ValueError("first and second differ in length")
+    n = len(first)
+    if n == 0:
+        return {"n": 0.0}
+    flips = sum((a >= threshold) != (b >= threshold) for a, b in zip(first, second))
+    sq = sum((a - b) ** 2 for a, b in zip(first, second)) / n
+    return {"n": float(n), "flip_rate": flips / n, "score_sd": math.sqrt(sq / 2),
+            "mean_abs_diff": sum(abs(a - b) for a, b in zip(first, second)) / n}
+
+
+def swap_consistency(ab: Sequence[Verdict], ba: Sequence[Verdict]) -> float | None:
+    """``ab[i]``: verdict with X shown as A and Y as B; ``ba[i]``: the same pair with Y as A and X as B.
+    The verdict survives the swap when the same *answer* wins (or both are ties)."""
+    if len(ab) != len(ba):
+        raise ValueError("ab and ba differ in length")
+    if not ab:
+        return None
+    flip = {"A": "B", "B": "A", "tie": "tie"}
+    return sum(u == flip[v] for u, v in zip(ab, ba)) / len(ab)
+
+
+def length_correlation(scores: Sequence[float], lengths: Sequence[int]) -> float | None:
+    """Spearman's rho of score with answer length (words): a judge that rewards padding shows it here."""
+    return spearman(list(scores), [float(n) for n in lengths])
