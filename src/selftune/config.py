@@ -120,12 +120,26 @@ class GateSpec(Strict):
     max_criterion_drop: float = Field(0.02, ge=0.0, le=1.0)
 
 
+class TrustSpec(Strict):
+    """The bar the judge must clear for its scores to steer promotion (else: checks only)."""
+
+    max_flip_rate: float = Field(0.25, ge=0.0, le=1.0)
+    min_swap_consistency: float = Field(0.6, ge=0.0, le=1.0)
+    max_length_corr: float | None = Field(0.6, ge=0.0, le=1.0)
+
+
 class JudgeSpec(Strict):
     """How LLM criteria are scored. ``logprobs``: rationale, then the expected score under the
     probabilities of the scale tokens (G-Eval); ``json``: rationale and score as one JSON object
     (schema-constrained on the local model). ``auto``: logprobs on the local model, json on hosted."""
 
     method: Literal["auto", "logprobs", "json"] = "auto"
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise", description="pairwise: LLM criteria promote by candidate-vs-incumbent comparisons in both orders")
+    flag_cap: float | None = Field(0.0, ge=0.0, le=1.0, description="cap on an answer flagged as gaming the judge")
+    retest_sample: int = Field(8, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
+    swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
+    trust: TrustSpec = TrustSpec()
 
 
 class TrackingSpec(Strict):

@@ -5,6 +5,7 @@ Tracking observes the loop through the ``Observer`` protocol; this module never 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from .judge import Judge
 from .lm import Models, check_credentials
 from .optimize import Optimizer
 from .rag import RAG, load_system
-from .records import Evaluation, GateDecision, Params, Probe, Round, Split
+from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
+from .trust import Monitor, deterministic_overall
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable[Any]]
@@ -65,7 +67,7 @@ class Session:
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
         judge_role = self.models.role("judge") if self.rubric.llm_criteria() else None
-        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method)
+        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method, flag_cap=cfg.judge.flag_cap)
 
     def close(self) -> None:
         if isinstance(self.models, Models):
@@ -86,8 +88,10 @@ class Session:
         """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
         cfg = self.cfg
         gen = cfg.models.generator
+        # Your own probes are part of the key: editing the file makes new splits.
+        user_file = "-u" + hashlib.sha256(cfg.probes.file.read_bytes()).hexdigest()[:8] if cfg.probes.file else ""
         key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
-               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}")
+               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
         params = initial_params(cfg)
         if cache.is_file():
@@ -115,11 +119,18 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     criteria = [c.name for c in rubric.criteria]
     # The optimizer is built from train/val material only: it is never handed a Probe list.
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), cfg.optimizer, cfg.seed)
+    monitor = Monitor(rubric, session.judge, cfg.judge, cfg.seed)
+    pairwise = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
     try:
         params = initial_params(cfg)
         base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress),
                      val=session.evaluate(params, probes, "val", progress),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
+        monitor.observe_lengths([base.train, base.val])
+        monitor.retest([base.train, base.val])
+        trusted, why = monitor.verdict()
+        _say_trust(trusted, why)
+        base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
         observer.round(base)
         for i in range(1, rounds + 1):
@@ -127,10 +138,18 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             train = session.evaluate(cand, probes, "train", progress)
             val = session.evaluate(cand, probes, "val", progress)
-            ev_round = Round(index=i, params=cand, train=train, val=val, gate=GateDecision(promote=False, reason=""),
-                             incumbent_index=incumbent.index, notes=notes)
-            gate = decide(val, incumbent.val, criteria, cfg.gate, seed=cfg.seed + i)
-            rnd = ev_round.model_copy(update={"gate": gate, "incumbent_index": i if gate.promote else incumbent.index})
+            compared = monitor.compare(val, incumbent.val, None if pairwise else cfg.judge.swap_sample)
+            monitor.observe_lengths([train, val])
+            was_trusted = trusted
+            trusted, why = monitor.verdict()
+            if trusted != was_trusted:
+                _say_trust(trusted, why)
+            gate = _decide(session, val, incumbent.val, criteria, trusted, why, compared if pairwise else None, cfg.seed + i)
+            stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
+                                             if compared.get("consistency") is not None else {})}
+            rnd = Round(index=i, params=cand, train=train, val=val, gate=gate,
+                        incumbent_index=i if gate.promote else incumbent.index, notes=notes,
+                        judge_stats=stats_now, trusted=trusted)
             history.append(rnd)
             observer.round(rnd)
         best = next(r for r in history if r.index == history[-1].incumbent_index)
@@ -139,12 +158,66 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress)
         stats["index_collections_built"] = len(session.index.built)
         stats["texts_embedded"] = session.embedder.encoded
+        stats.update({f"judge/{k}": v for k, v in monitor.stats.items()})
+        stats["judge/trusted"] = float(trusted)
+        if not trusted:
+            stats["judge/untrusted_because"] = "; ".join(why)
         result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
     except BaseException as err:
         observer.abort(f"{type(err).__name__}: {err}")
         raise
     observer.finish(result)
     return result
+
+
+def _say_trust(trusted: bool, why: list[str]) -> None:
+    if trusted:
+        log.info("judge within the trust bar")
+    else:
+        log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", "; ".join(why))
+
+
+def _decide(session: Session, val: Evaluation, inc_val: Evaluation, criteria: list[str], trusted: bool,
+            why: list[str], compared: dict[str, Any] | None, seed: int) -> GateDecision:
+    """The gate, on the signal the judge has earned: every criterion (pointwise or pairwise) when it
+    clears the trust bar, the deterministic criteria only when it does not."""
+    rubric, spec = session.rubric, session.cfg.gate
+    llm = {c.name for c in rubric.llm_criteria()}
+    if not trusted:
+        cap = session.judge.flag_cap
+
+        def det(a: Judgment, b: Judgment) -> float | None:
+            x, y = deterministic_overall(rubric, a, cap), deterministic_overall(rubric, b, cap)
+            return x - y if x is not None and y is not None else None
+
+        return decide(val, inc_val, [c for c in criteria if c not in llm], spec, seed, diff=det,
+                      note=f"judge untrusted ({'; '.join(why)}), deterministic criteria only")
+    if compared is None:
+        return decide(val, inc_val, criteria, spec, seed)
+    prefs: dict[str, dict[str, float]] = compared.get("prefs", {})
+    weights = {c.name: c.weight for c in rubric.criteria}
+
+    def pair(a: Judgment, b: Judgment) -> float | None:
+        parts = []
+        for name, w in weights.items():
+            if name in llm:
+                p = prefs.get(a.answer.probe.id, {}).get(name)
+                if p is not None:
+                    parts.append((w, 2 * p - 1))
+            elif a.scores[name].status == "ok" and b.scores[name].status == "ok":
+                parts.append((w, (a.scores[name].value or 0.0) - (b.scores[name].value or 0.0)))
+        if not parts or a.overall is None or b.overall is None:
+            return None
+        if a.flags and not b.flags:
+            return -1.0
+        return sum(w * d for w, d in parts) / sum(w for w, _ in parts)
+
+    deltas = {}
+    for name in llm:
+        ps = [p[name] for p in prefs.values() if name in p]
+        if ps:
+            deltas[name] = sum(2 * p - 1 for p in ps) / len(ps)
+    return decide(val, inc_val, criteria, spec, seed, diff=pair, deltas=deltas, note="pairwise")
 
 
 def write_best(path: Path, params: Params) -> None:

@@ -48,6 +48,7 @@ class Probe(Frozen):
     source_end: int = 0
     source_chunk_ids: tuple[str, ...] = ()
     split: Split = "train"
+    answerable: bool = True  # False: the corpus does not answer it; the right reply is "I don't know"
 
 
 class Answer(Frozen):
@@ -79,7 +80,8 @@ class Judgment(Frozen):
     answer: Answer
     scores: dict[str, Score]
     overall: float | None = None  # None when the item is invalid (answer error or an invalid score)
-    capped_by: tuple[str, ...] = ()  # must-not rules that capped the overall score
+    capped_by: tuple[str, ...] = ()  # must-not rules (or "flagged") that capped the overall score
+    flags: tuple[str, ...] = ()  # ways the answer games its grader (judge.attack_flags)
 
     @property
     def valid(self) -> bool:
@@ -139,3 +141,5 @@ class Round(Frozen):
     gate: GateDecision
     incumbent_index: int  # the incumbent after this round's decision
     notes: tuple[str, ...] = ()  # how the candidate was made (e.g. rewrite rejected, fallback used)
+    judge_stats: dict[str, float] = Field(default_factory=dict)  # reliability figures so far (trust.Monitor)
+    trusted: bool = True  # did the judge clear the trust bar when this round was decided

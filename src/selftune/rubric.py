@@ -66,7 +66,30 @@ class CitesContext(Strict):
     min_words: int = Field(4, ge=2, le=30)
 
 
-CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext,
+DEFAULT_ABSTAIN = (r"(?i)\b(i (do not|don't|cannot|can't) (know|tell|say|find|answer)|"
+                   r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?(say|mention|contain|cover|answer)|"
+                   r"not (mentioned|covered|answered|stated) in the (context|documents?)|no information)")
+
+
+class Abstains(Strict):
+    """Says "I don't know" exactly when it should: on a probe marked unanswerable the answer must
+    abstain; on an answerable one it must not."""
+
+    type: Literal["abstains"]
+    pattern: str = DEFAULT_ABSTAIN
+
+    @model_validator(mode="after")
+    def _compiles(self) -> Abstains:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"invalid regular expression: {err}") from None
+        return self
+
+
+CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext | Abstains,
                       Field(discriminator="type")]
 
 
@@ -133,12 +156,14 @@ class Rubric(Strict):
     def llm_criteria(self) -> list[LLMCriterion]:
         return [c for c in self.criteria if isinstance(c, LLMCriterion)]
 
-    def aggregate(self, scores: dict[str, Score], violated: list[MustNot]) -> tuple[float | None, tuple[str, ...]]:
-        """Weighted mean of the ok scores; None if any applicable score is invalid; capped by rules."""
-        if any(s.status == "invalid" for s in scores.values()):
+    def aggregate(self, scores: dict[str, Score], violated: list[MustNot],
+                  only: set[str] | None = None) -> tuple[float | None, tuple[str, ...]]:
+        """Weighted mean of the ok scores (of the criteria in ``only``, if given); None if any
+        applicable score is invalid; capped by the violated rules."""
+        chosen = [c for c in self.criteria if c.name in scores and (only is None or c.name in only)]
+        if any(scores[c.name].status == "invalid" for c in chosen):
             return None, ()
-        pairs = [(c.weight, scores[c.name].value) for c in self.criteria
-                 if c.name in scores and scores[c.name].status == "ok"]
+        pairs = [(c.weight, scores[c.name].value) for c in chosen if scores[c.name].status == "ok"]
         if not pairs:
             return None, ()
         overall = sum(w * (v or 0.0) for w, v in pairs) / sum(w for w, _ in pairs)

@@ -67,11 +67,13 @@ class MlflowTracker:
         self.cfg = cfg
         self.parent_id: str | None = None
         self.criteria: list[str] = []
+        self.incumbent_val = 0.0
 
     def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
         from . import probes as P
 
         self.criteria = [c.name for c in rubric.criteria]
+        self.incumbent_val = 0.0
         run = self.client.create_run(self.experiment_id, run_name=f"tune-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                      tags={"selftune.kind": "tune", "selftune.config": cfg.name})
         self.parent_id = pid = run.info.run_id
@@ -114,6 +116,8 @@ class MlflowTracker:
             metrics = {**eval_metrics(rnd.train, self.criteria), **eval_metrics(rnd.val, self.criteria)}
             gate = rnd.gate
             metrics["gate/promoted"] = float(gate.promote)
+            metrics["judge/trusted"] = float(rnd.trusted)
+            metrics.update({f"judge/{k}": float(v) for k, v in rnd.judge_stats.items()})
             for k in ("delta", "ci_low", "ci_high"):
                 if getattr(gate, k) is not None:
                     metrics[f"gate/{k}"] = getattr(gate, k)
@@ -132,12 +136,15 @@ class MlflowTracker:
             self.client.set_terminated(cid, "FAILED")
             raise
         # The parent's per-round history is what the UI draws as the tuning curve.
-        best_val = self._val_of(rnd) if rnd.gate.promote else None
-        parent = [Metric("candidate/val_overall", self._val_of(rnd), now, rnd.index)]
-        if best_val is not None:
-            self._incumbent_val = best_val
-        parent.append(Metric("incumbent/val_overall", getattr(self, "_incumbent_val", 0.0), now, rnd.index))
-        parent.append(Metric("candidate/val_valid_rate", rnd.val.valid_rate(), now, rnd.index))
+        if rnd.gate.promote:
+            self.incumbent_val = self._val_of(rnd)
+        parent = [Metric("candidate/val_overall", self._val_of(rnd), now, rnd.index),
+                  Metric("incumbent/val_overall", self.incumbent_val, now, rnd.index),
+                  Metric("candidate/val_valid_rate", rnd.val.valid_rate(), now, rnd.index),
+                  Metric("judge/trusted", float(rnd.trusted), now, rnd.index)]
+        for k in ("retest/flip_rate", "swap/consistency", "swap/round_consistency"):
+            if k in rnd.judge_stats:
+                parent.append(Metric(f"judge/{k}", float(rnd.judge_stats[k]), now, rnd.index))
         self.client.log_batch(self.parent_id, metrics=parent)
 
     @staticmethod
@@ -162,7 +169,11 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        m.update({f"stats/{k}": float(v) for k, v in result.stats.items() if isinstance(v, (int, float))})
+        m.update({(k if k.startswith("judge/") else f"stats/{k}"): float(v) for k, v in result.stats.items()
+                  if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
+                                                                        "judge/swap/consistency", "judge/trusted"))})
+        if "judge/untrusted_because" in result.stats:
+            self.client.set_tag(pid, "selftune.judge_untrusted", str(result.stats["judge/untrusted_because"])[:PARAM_MAX])
         self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
         self.client.log_text(pid, yaml.safe_dump({"params": result.best.params}, sort_keys=True, allow_unicode=True),
                              "best.yaml")
@@ -209,6 +220,18 @@ def report(result: Any) -> str:
              f"(gain {result.test_gain:+.3f}, never seen by the optimizer)",
              f"- gap (val gain - test gain): {result.val_gain - result.test_gain:+.3f}",
              f"- judge valid-score rate: {_valid_rate(result):.3f}"]
+    st = result.stats
+    rel = [f"{label} {st[key]:.2f}" for key, label in (
+        ("judge/retest/flip_rate", "test-retest flip rate"), ("judge/retest/score_sd", "score SD"),
+        ("judge/swap/consistency", "swap consistency")) if key in st]
+    rel += [f"{k.split('/')[-1]} length corr {v:+.2f}" for k, v in st.items() if k.startswith("judge/length_corr/")]
+    if rel:
+        lines.append("- judge reliability: " + ", ".join(rel))
+    if st.get("judge/trusted") == 0.0:
+        lines.append(f"- JUDGE BELOW THE TRUST BAR ({st.get('judge/untrusted_because', '')}): "
+                     "promotion used deterministic criteria only")
+    elif "judge/trusted" in st:
+        lines.append("- judge within the trust bar: its scores counted for promotion")
     return "\n".join(lines) + "\n"
 
 

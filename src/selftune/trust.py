@@ -1,0 +1,145 @@
+"""Measuring the judge during a tune, and the trust bar that decides whether its scores may steer.
+
+- after the baseline: test-retest on a sample of items, re-judged with the response cache bypassed and
+  fresh fence tokens (flip rate, score SD);
+- after every round: position consistency on a sample of validation probes, candidate vs incumbent
+  judged in both orders (pairwise); with ``judge.mode: pairwise`` the same comparisons, over every
+  validation probe, are the promotion signal for the LLM criteria;
+- length bias: per LLM criterion, the correlation of score with answer length over everything judged.
+
+Below the bar (``judge.trust``) the tune says so, promotes on deterministic criteria only, and the
+report states it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import JudgeSpec
+from .judge import Judge
+from .lm import Role
+from .records import Evaluation, Judgment
+from .reliability import length_correlation, retest_stats, swap_consistency
+from .rubric import LLMCriterion, Rubric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Monitor:
+    rubric: Rubric
+    judge: Judge
+    spec: JudgeSpec
+    seed: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    _swaps: list[tuple[str, str]] = field(default_factory=list)
+    _lengths: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+
+    @property
+    def llm(self) -> list[LLMCriterion]:
+        return self.rubric.llm_criteria()
+
+    def retest(self, evals: list[Evaluation]) -> dict[str, float]:
+        """Re-judge up to ``retest_sample`` items (cache bypassed, new fences); flip rate and score SD
+        pooled over the LLM criteria, and per criterion."""
+        if not self.llm or self.spec.retest_sample == 0 or self.judge.role is None:
+            return {}
+        items = [j for ev in evals for j in ev.judgments if j.answer.error is None]
+        rng = random.Random(self.seed)
+        sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
+        role = self.judge.role
+        again = Judge(self.rubric, Role(role.name, role.lm.copy(cache=False), role.adapter, role.local),
+                      seed=self.seed + 7919, method=self.judge.method, flag_cap=self.judge.flag_cap)
+        first_all: list[float] = []
+        second_all: list[float] = []
+        out: dict[str, float] = {}
+        for c in self.llm:
+            first, second = [], []
+            for j in sample:
+                s1 = j.scores[c.name]
+                s2 = again.score(c, j.answer)
+                if s1.status == "ok" and s2.status == "ok":
+                    first.append(s1.value or 0.0)
+                    second.append(s2.value or 0.0)
+            r = retest_stats(first, second)
+            out.update({f"retest/{c.name}/{k}": v for k, v in r.items()})
+            first_all += first
+            second_all += second
+        pooled = retest_stats(first_all, second_all)
+        out.update({f"retest/{k}": v for k, v in pooled.items()})
+        self.stats.update(out)
+        return out
+
+    def compare(self, candidate: Evaluation, incumbent: Evaluation, sample: int | None) -> dict[str, Any]:
+        """Candidate vs incumbent on shared validation probes, per LLM criterion, in both orders.
+        Returns this round's swap consistency and, per probe, the candidate's order-averaged win
+        probability per criterion (the pairwise promotion signal)."""
+        if not self.llm or self.judge.role is None:
+            return {}
+        inc = {j.answer.probe.id: j for j in incumbent.judgments if j.answer.error is None}
+        pairs = [(j, inc[j.answer.probe.id]) for j in candidate.judgments
+                 if j.answer.error is None and j.answer.probe.id in inc]
+        if sample is not None:
+            pairs = random.Random(self.seed + len(self._swaps)).sample(pairs, min(sample, len(pairs)))
+        swaps: list[tuple[str, str]] = []
+        prefs: dict[str, dict[str, float]] = {}
+        for cand, old in pairs:
+            for c in self.llm:
+                v1, p1, _ = self.judge.compare(c, cand.answer, old.answer)   # candidate shown as A
+                v2, p2, _ = self.judge.compare(c, old.answer, cand.answer)   # candidate shown as B
+                swaps.append((v1, v2))
+                if p1 is not None and p2 is not None:
+                    prefs.setdefault(cand.answer.probe.id, {})[c.name] = (p1 + (1 - p2)) / 2
+        self._swaps += swaps
+        ab, ba = [u for u, _ in swaps], [v for _, v in swaps]
+        round_consistency = swap_consistency(ab, ba)  # type: ignore[arg-type]
+        total = swap_consistency([u for u, _ in self._swaps], [v for _, v in self._swaps])  # type: ignore[arg-type]
+        if total is not None:
+            self.stats["swap/consistency"] = total
+            self.stats["swap/n"] = float(len(self._swaps))
+        return {"consistency": round_consistency, "n": len(swaps), "prefs": prefs}
+
+    def observe_lengths(self, evals: list[Evaluation]) -> None:
+        for ev in evals:
+            for j in ev.judgments:
+                for c in self.llm:
+                    s = j.scores.get(c.name)
+                    if s is not None and s.status == "ok":
+                        self._lengths.setdefault(c.name, []).append((s.value or 0.0, len(j.answer.text.split())))
+        for name, pts in self._lengths.items():
+            r = length_correlation([v for v, _ in pts], [n for _, n in pts])
+            if r is not None:
+                self.stats[f"length_corr/{name}"] = r
+
+    def verdict(self) -> tuple[bool, list[str]]:
+        """(trusted, reasons it is not). A figure not measured yet does not count against the judge."""
+        if not self.llm:
+            return True, []
+        t = self.spec.trust
+        why = []
+        flip = self.stats.get("retest/flip_rate")
+        if flip is not None and flip > t.max_flip_rate:
+            why.append(f"flip rate {flip:.2f} > {t.max_flip_rate}")
+        swap = self.stats.get("swap/consistency")
+        if swap is not None and swap < t.min_swap_consistency:
+            why.append(f"swap consistency {swap:.2f} < {t.min_swap_consistency}")
+        for name, r in self.stats.items():
+            if name.startswith("length_corr/") and t.max_length_corr is not None and abs(r) > t.max_length_corr:
+                why.append(f"{name.split('/', 1)[1]} length correlation {r:+.2f} beyond ±{t.max_length_corr}")
+        return not why, why
+
+
+def deterministic_overall(rubric: Rubric, j: Judgment, flag_cap: float | None) -> float | None:
+    """An item's overall from its check criteria only (must-not caps and the flag cap still apply)."""
+    names = {c.name for c in rubric.criteria if not isinstance(c, LLMCriterion)}
+    scores = {n: s for n, s in j.scores.items() if n in names}
+    if not scores or j.answer.error is not None:
+        return None
+    rules = [r for r in rubric.must_not if r.name in j.capped_by]
+    overall, _ = rubric.aggregate(scores, rules, only=names)
+    if overall is not None and j.flags and flag_cap is not None:
+        overall = min(overall, flag_cap)
+    return overall

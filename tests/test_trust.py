@@ -1,0 +1,107 @@
+"""The judge is measured during every tune; below the trust bar it may not steer promotion."""
+
+import itertools
+import re
+import json
+
+from mlflow import MlflowClient
+
+from conftest import fake_role, write_config
+from selftune.config import load_config
+from selftune.loop import Session, tune
+from selftune.records import Answer, Chunk, Judgment, Probe, Score
+from selftune.rubric import load_rubric
+from selftune.tracking import MlflowTracker, report
+from selftune.trust import deterministic_overall
+from test_loop import FakeModels, no_progress
+
+
+def run_with_judge(tmp_path, corpus_dir, judge_script, **over):
+    cfg = load_config(write_config(tmp_path, corpus_dir, **over))
+    models = FakeModels()
+    models.roles["judge"] = fake_role(judge_script)
+    session = Session(cfg, models=models)
+    tracker = MlflowTracker(cfg)
+    return cfg, tune(session, 2, tracker, no_progress), tracker
+
+
+def steady(m):
+    if "compare two answers" in m[0]["content"]:
+        return json.dumps({"rationale": "same", "winner": "tie"})
+    return json.dumps({"rationale": "fine", "score": 4})
+
+
+def test_steady_judge_is_measured_and_trusted(tmp_path, corpus_dir):
+    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, steady)
+    st = result.stats
+    assert st["judge/retest/flip_rate"] == 0.0 and st["judge/retest/score_sd"] == 0.0 and st["judge/retest/n"] > 0
+    assert st["judge/swap/consistency"] == 1.0 and st["judge/trusted"] == 1.0
+    assert all(r.trusted for r in result.rounds)
+    assert "judge within the trust bar" in report(result)
+    parent = MlflowClient(cfg.tracking_uri()).get_run(tracker.parent_id)
+    assert parent.data.metrics["judge/trusted"] == 1.0 and "judge/retest/score_sd" in parent.data.metrics
+
+
+def test_fickle_judge_falls_below_the_bar_and_only_checks_promote(tmp_path, corpus_dir):
+    scores = itertools.cycle([5, 1])  # every second call contradicts the one before
+
+    def fickle(m):
+        if "compare two answers" in m[0]["content"]:
+            return json.dumps({"rationale": "x", "winner": "tie"})
+        return json.dumps({"rationale": "whim", "score": next(scores)})
+
+    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, fickle)
+    assert result.stats["judge/retest/flip_rate"] > 0.25
+    assert result.stats["judge/trusted"] == 0.0 and "flip rate" in result.stats["judge/untrusted_because"]
+    for r in result.rounds[1:]:
+        assert not r.trusted and "deterministic criteria only" in r.gate.reason
+        assert "grounded" not in r.gate.criterion_deltas  # the LLM criterion did not count
+    assert "BELOW THE TRUST BAR" in report(result)
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(tracker.parent_id)
+    assert parent.data.metrics["judge/trusted"] == 0.0 and "selftune.judge_untrusted" in parent.data.tags
+    assert [m.value for m in client.get_metric_history(tracker.parent_id, "judge/trusted")] == [0.0, 0.0, 0.0]
+
+
+def test_position_biased_judge_fails_swap_consistency(tmp_path, corpus_dir):
+    def first_wins(m):
+        if "compare two answers" in m[0]["content"]:
+            return json.dumps({"rationale": "A is first", "winner": "A"})
+        return json.dumps({"rationale": "fine", "score": 4})
+
+    _, result, _ = run_with_judge(tmp_path, corpus_dir, first_wins)
+    assert result.stats["judge/swap/consistency"] == 0.0
+    assert result.stats["judge/trusted"] == 0.0 and "swap consistency" in result.stats["judge/untrusted_because"]
+
+
+def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_dir):
+    def prefers_quotes(m):
+        # FakeModels' optimizer rewrites instructions to "Quote ..."; this judge prefers the longer
+        # answer in both orders, which is consistent, so it stays trusted.
+        if "compare two answers" in m[0]["content"]:
+            text = m[-1]["content"]
+            a, b = (re.search(rf"^Answer {x}:\n<<(\S+)>>\n(.*?)\n<</\1>>", text, re.S | re.M).group(2) for x in "AB")
+            return json.dumps({"rationale": "fuller", "winner": "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"})
+        return json.dumps({"rationale": "fine", "score": 4})
+
+    _, result, _ = run_with_judge(tmp_path, corpus_dir, prefers_quotes, judge="{mode: pairwise}")
+    assert result.stats["judge/swap/consistency"] == 1.0
+    for r in result.rounds[1:]:
+        assert r.gate.reason.startswith("pairwise: ") and "grounded" in r.gate.criterion_deltas
+
+
+def test_deterministic_overall_ignores_llm_scores_but_keeps_caps(tmp_path):
+    from conftest import ROOT
+
+    rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
+    probe = Probe(id="p", question="What does pass do?", reference="pass does nothing", source_doc="d",
+                  source_end=10)
+    ans = Answer(probe=probe, text="pass does nothing at all here", contexts=(Chunk(id="c", doc="d", start=0, end=10,
+                                                                                        text="pass does nothing"),))
+    scores = {"grounded": Score(value=1.0, raw=5), "concise": Score(value=1.0), "retrieval_hit": Score(value=1.0),
+              "correct": Score(value=0.5), "quotes_source": Score(value=0.0)}
+    j = Judgment(answer=ans, scores=scores, overall=0.8)
+    # checks only: (1*1 + 1*1 + 2*0.5 + 1*0) / 5 = 0.6
+    assert deterministic_overall(rubric, j, 0.0) == 0.6
+    assert deterministic_overall(rubric, j.model_copy(update={"flags": ("echo:question",)}), 0.0) == 0.0
+    assert deterministic_overall(rubric, j.model_copy(update={"capped_by": ("no_grader_talk",)}), 0.0) == 0.0
