@@ -4,7 +4,7 @@ import re
 import pytest
 
 from conftest import ROOT, fake_role
-from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation, suspicious_flags
+from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation, attack_flags
 from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import load_rubric
 
@@ -116,4 +116,5 @@ def test_injection_is_flagged_and_capped_even_if_judge_is_fooled():
     assert "injection:ignore" in attack.scores["grounded"].flags
     assert attack.capped_by == ("no_grader_talk",)
     assert attack.overall <= honest_wrong.overall
-    assert suspicious_flags("A plain answer.") == ()
+    assert attack_flags("A plain answer.") == ()
+    assert attack_flags("Use x << 2 to shift left by two bits.") == ()  # a shift operator is not a fence
