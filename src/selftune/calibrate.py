@@ -1,0 +1,180 @@
+"""Scoring items without a corpus, and agreement of the judge with human labels.
+
+Items (``selftune judge``) and labels (``selftune calibrate``) are JSONL, one object per line::
+
+    {"question": "...", "answer": "...", "contexts": ["...", "..."], "reference": "...",
+     "labels": {"grounded": 4, "concise": "pass"}}
+
+``contexts`` and ``reference`` are optional; ``labels`` (calibrate only) holds, per criterion, a level
+on its scale (LLM criteria) or ``pass``/``fail`` (checks, and LLM criteria labelled that way: pass
+means the upper half of the scale). Agreement per criterion: Cohen's kappa (quadratic weights on an
+ordinal scale, unweighted for pass/fail) and Spearman's rho, each with a bootstrap 95% interval, and
+the confusion table (rows: human, columns: judge).
+
+``--align`` splits the labels by seed: the disagreements of one part become calibration examples for
+the LLM criteria; agreement is reported before and after on the other part only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .judge import Judge
+from .records import Answer, Chunk, Judgment, Probe
+from .reliability import bootstrap_ci, cohen_kappa, confusion, spearman
+from .rubric import Example, LLMCriterion, Rubric
+
+PASS = {"pass": 1, "fail": 0, True: 1, False: 0}
+
+
+def read_items(path: Path, rubric: Rubric | None = None, need_labels: bool = False) -> list[dict[str, Any]]:
+    """Validated rows; every problem names the file, the line and the key."""
+    if not path.is_file():
+        raise InputError(path, "", "file not found")
+    names = {c.name: c for c in rubric.criteria} if rubric else {}
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"line {n}", f"expected a JSON object ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(path, f"line {n}", "expected a JSON object")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str):
+                raise InputError(path, f"line {n}.{key}", "expected a string")
+        ctx = row.get("contexts", [])
+        if not isinstance(ctx, list) or not all(isinstance(c, str) for c in ctx):
+            raise InputError(path, f"line {n}.contexts", "expected a list of strings")
+        if row.get("reference") is not None and not isinstance(row["reference"], str):
+            raise InputError(path, f"line {n}.reference", "expected a string or no key")
+        labels = row.get("labels")
+        if need_labels:
+            if not isinstance(labels, dict) or not labels:
+                raise InputError(path, f"line {n}.labels", "expected a mapping of criterion name to label")
+            for name, value in labels.items():
+                c = names.get(name)
+                if c is None:
+                    raise InputError(path, f"line {n}.labels.{name}", f"unknown criterion; expected one of {sorted(names)}")
+                ok_pass = value in ("pass", "fail") or isinstance(value, bool)
+                ok_level = isinstance(c, LLMCriterion) and isinstance(value, int) and not isinstance(value, bool) \
+                    and c.scale.min <= value <= c.scale.max
+                if not (ok_pass or ok_level):
+                    want = (f"an integer in [{c.scale.min}, {c.scale.max}] or pass/fail" if isinstance(c, LLMCriterion)
+                            else "pass or fail")
+                    raise InputError(path, f"line {n}.labels.{name}", f"expected {want}, got {value!r}")
+        rows.append(row)
+    if not rows:
+        raise InputError(path, "", "no items")
+    return rows
+
+
+def to_answer(row: dict[str, Any], i: int) -> Answer:
+    probe = Probe(id=f"item-{i}", question=row["question"], reference=row.get("reference"), reference_origin="human")
+    contexts = tuple(Chunk(id=f"item-{i}-ctx-{k}", doc=f"item-{i}", start=k, end=k + 1, text=t)
+                     for k, t in enumerate(row.get("contexts", [])))
+    return Answer(probe=probe, text=row["answer"], contexts=contexts)
+
+
+def judgment_row(row: dict[str, Any], j: Judgment) -> dict[str, Any]:
+    return {**{k: v for k, v in row.items() if k != "labels"}, "overall": j.overall, "flags": list(j.flags),
+            "scores": {n: {"score": s.value, "raw": s.raw, "status": s.status, "rationale": s.rationale}
+                       for n, s in j.scores.items()}}
+
+
+def _pair(c: Any, label: Any, judged: Any) -> tuple[str, int, int] | None:
+    """(kind, human, judge) on a common footing, or None if the judge gave no valid score."""
+    if judged.status != "ok" or judged.value is None:
+        return None
+    if label in ("pass", "fail") or isinstance(label, bool):
+        return "binary", PASS[label], int(judged.value >= 0.5)
+    lo, hi = c.scale.min, c.scale.max
+    return "ordinal", int(label), min(hi, max(lo, round(judged.raw if judged.raw is not None else lo)))
+
+
+def agreement(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgment], seed: int = 0,
+              resamples: int = 1000) -> dict[str, dict[str, Any]]:
+    """Per labelled criterion: n, kappa, rho (with bootstrap 95% intervals), confusion table, invalid count."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in rubric.criteria:
+        pairs, invalid = [], 0
+        for row, j in zip(rows, judgments):
+            if c.name not in (row.get("labels") or {}):
+                continue
+            p = _pair(c, row["labels"][c.name], j.scores[c.name])
+            if p is None:
+                invalid += 1
+            else:
+                pairs.append(p)
+        if not pairs and not invalid:
+            continue
+        kinds = {k for k, _, _ in pairs}
+        if len(kinds) > 1:  # mixed pass/fail and levels on one criterion: compare as pass/fail
+            mid = (c.scale.min + c.scale.max) / 2 if isinstance(c, LLMCriterion) else 0.5
+            pairs = [("binary", h if k == "binary" else int(h > mid), g if k == "binary" else int(g > mid))
+                     for k, h, g in pairs]
+        kind = pairs[0][0] if pairs else "binary"
+        human = [h for _, h, _ in pairs]
+        judge = [g for _, _, g in pairs]
+        levels = list(range(c.scale.min, c.scale.max + 1)) if kind == "ordinal" else [0, 1]
+        weights = "quadratic" if kind == "ordinal" else "none"
+
+        def kappa(idx: list[int]) -> float | None:
+            return cohen_kappa([human[i] for i in idx], [judge[i] for i in idx], levels, weights)  # type: ignore[arg-type]
+
+        def rho(idx: list[int]) -> float | None:
+            return spearman([human[i] for i in idx], [judge[i] for i in idx])
+
+        all_idx = list(range(len(pairs)))
+        out[c.name] = {
+            "n": len(pairs), "invalid": invalid, "kind": kind, "weights": weights, "levels": levels,
+            "kappa": kappa(all_idx), "kappa_ci95": bootstrap_ci(kappa, len(pairs), 0.95, resamples, seed),
+            "spearman": rho(all_idx), "spearman_ci95": bootstrap_ci(rho, len(pairs), 0.95, resamples, seed + 1),
+            "exact_agreement": sum(h == g for h, g in zip(human, judge)) / len(pairs) if pairs else None,
+            "confusion": confusion(human, judge, levels),
+        }
+    return out
+
+
+def align_examples(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgment],
+                   per_criterion: int = 3) -> Rubric:
+    """A rubric whose LLM criteria carry, as calibration examples, the labelled items the judge got
+    most wrong (human level, with the human's note if any)."""
+    criteria = []
+    for c in rubric.criteria:
+        if not isinstance(c, LLMCriterion):
+            criteria.append(c)
+            continue
+        misses = []
+        for row, j in zip(rows, judgments):
+            label = (row.get("labels") or {}).get(c.name)
+            if label is None:
+                continue
+            level = label if isinstance(label, int) and not isinstance(label, bool) else (
+                c.scale.max if PASS.get(label) == 1 else c.scale.min)
+            s = j.scores[c.name]
+            gap = abs((s.raw if s.status == "ok" and s.raw is not None else (c.scale.min + c.scale.max) / 2) - level)
+            misses.append((gap, row, level))
+        misses.sort(key=lambda t: -t[0])
+        shots = [Example(answer=row["answer"][:300], score=level,
+                         why=str(row.get("note") or f"a human rated this {level}"))
+                 for _, row, level in misses[:per_criterion]]
+        criteria.append(c.model_copy(update={"examples": [*c.examples, *shots]}))
+    return rubric.model_copy(update={"criteria": criteria})
+
+
+def split_for_alignment(n: int, seed: int, fraction: float = 0.5) -> tuple[list[int], list[int]]:
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(n * fraction))
+    return sorted(idx[:k]), sorted(idx[k:])
+
+
+def judge_all(judge: Judge, rows: list[dict[str, Any]], progress: Any, offset: int = 0) -> list[Judgment]:
+    return [judge.judge(to_answer(r, offset + i)) for i, r in enumerate(progress(rows, desc="judge"))]

@@ -1,0 +1,124 @@
+"""`selftune judge` / `selftune calibrate` on a fixture with a scripted judge; agreement by hand."""
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, fake_role
+from selftune import cli
+from selftune.calibrate import agreement, align_examples, judge_all, read_items, split_for_alignment
+from selftune.errors import InputError
+from selftune.judge import Judge
+from selftune.rubric import load_rubric
+
+RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
+# human grounded labels and what the scripted judge will say (by answer text)
+FIXTURE = [("a1", 5, 5), ("a2", 1, 1), ("a3", 3, 4), ("a4", 5, 5), ("a5", 1, 3), ("a6", 4, 4)]
+
+
+def rows():
+    return [{"question": "What does pass do?", "answer": f"pass does nothing {a}", "contexts": ["pass does nothing"],
+             "labels": {"grounded": h, "concise": "pass"}} for a, h, _ in FIXTURE]
+
+
+def scripted():
+    judged = {f"pass does nothing {a}": g for a, _, g in FIXTURE}
+
+    def script(m):
+        answer = re.search(r"Answer to grade:\n<<(\S+)>>\n(.*)\n<</\1>>", m[-1]["content"], re.S).group(2)
+        return json.dumps({"rationale": "scripted", "score": judged[answer]})
+    return fake_role(script)
+
+
+def no_progress(it, **_):
+    return it
+
+
+def test_agreement_matches_hand_computation():
+    judge = Judge(RUBRIC, scripted())
+    rs = rows()
+    js = judge_all(judge, rs, no_progress)
+    agg = agreement(RUBRIC, rs, js, seed=0, resamples=300)
+    g = agg["grounded"]
+    from sklearn.metrics import cohen_kappa_score
+    from scipy.stats import spearmanr
+
+    human = [h for _, h, _ in FIXTURE]
+    judged = [j for _, _, j in FIXTURE]
+    assert g["n"] == 6 and g["kind"] == "ordinal" and g["invalid"] == 0
+    assert g["kappa"] == pytest.approx(cohen_kappa_score(human, judged, weights="quadratic", labels=[1, 2, 3, 4, 5]))
+    assert g["spearman"] == pytest.approx(spearmanr(human, judged).statistic)
+    assert g["exact_agreement"] == pytest.approx(4 / 6)
+    # rows human 1..5, cols judge 1..5: (1,1) (1,3) (3,4) (4,4) (5,5)x2
+    assert g["confusion"] == [[1, 0, 1, 0, 0], [0] * 5, [0, 0, 0, 1, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 2]]
+    lo, hi = g["kappa_ci95"]
+    assert lo <= g["kappa"] <= hi
+    c = agg["concise"]  # a check labelled pass/fail: all 4-word answers pass the word bounds
+    assert c["kind"] == "binary" and c["exact_agreement"] == 1.0
+
+
+def test_align_uses_one_part_and_reports_on_the_other():
+    fit, held = split_for_alignment(6, seed=0)
+    assert sorted(fit + held) == list(range(6)) and not set(fit) & set(held)
+    rs = rows()
+    js = judge_all(Judge(RUBRIC, scripted()), rs, no_progress)
+    aligned = align_examples(RUBRIC, [rs[i] for i in fit], [js[i] for i in fit], per_criterion=2)
+    new = aligned.llm_criteria()[0].examples[len(RUBRIC.llm_criteria()[0].examples):]
+    assert len(new) == 2 and all(e.answer in {rs[i]["answer"] for i in fit} for e in new)
+    # the biggest miss in the fit part comes first, with the human's level
+    misses = sorted(((abs(js[i].scores["grounded"].raw - rs[i]["labels"]["grounded"]), i) for i in fit), reverse=True)
+    assert new[0].score == rs[misses[0][1]]["labels"]["grounded"]
+
+
+def test_labels_are_validated_with_line_and_key(tmp_path):
+    bad = tmp_path / "l.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a", "labels": {"grounded": 9}}) + "\n")
+    with pytest.raises(InputError, match=r"line 1\.labels\.grounded: expected an integer in \[1, 5\]"):
+        read_items(bad, RUBRIC, need_labels=True)
+    bad.write_text(json.dumps({"question": "q", "answer": "a", "labels": {"tone": 3}}) + "\n")
+    with pytest.raises(InputError, match=r"line 1\.labels\.tone: unknown criterion"):
+        read_items(bad, RUBRIC, need_labels=True)
+    bad.write_text(json.dumps({"question": "q", "answer": 3}) + "\n")
+    with pytest.raises(InputError, match=r"line 1\.answer: expected a string"):
+        read_items(bad)
+
+
+def test_shipped_labels_validate():
+    rs = read_items(ROOT / "datasets/labels/pyref-labels.jsonl", RUBRIC, need_labels=True)
+    assert len(rs) >= 40
+
+
+def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
+    """The CLI end to end with the scripted judge swapped in: MLflow run, report, JSON out."""
+    from mlflow import MlflowClient
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    rubric = tmp_path / "r.yaml"
+    rubric.write_text((ROOT / "configs/rubrics/taste.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+
+    def fake_setup(rubric_path, config, seed):
+        rub = load_rubric(rubric_path)
+        return rub, Judge(rub, scripted()), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
+
+    monkeypatch.setattr(cli, "_judge_setup", fake_setup)
+    runner = CliRunner()
+    out = tmp_path / "agreement.json"
+    r = runner.invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--align", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "kappa(quadratic)" in r.output and "after alignment" in r.output
+    res = json.loads(out.read_text())
+    assert res["align"]["held_out_items"] + res["align"]["fit_items"] == 6
+    run_id = re.search(r"MLflow run: (\w+)", r.output).group(1)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert "calibrate/grounded/kappa" in run.data.metrics and "align/after/grounded/n" in run.data.metrics
+    items_out = tmp_path / "judged.jsonl"
+    r = runner.invoke(cli.app, ["judge", "--rubric", str(rubric), "--items", str(labels), "--out", str(items_out)])
+    assert r.exit_code == 0, r.output
+    first = json.loads(items_out.read_text().splitlines()[0])
+    assert first["scores"]["grounded"]["raw"] == 5 and "labels" not in first
+    r = runner.invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "missing.jsonl: file not found" in r.output
