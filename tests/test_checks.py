@@ -61,3 +61,34 @@ def test_cites_context():
     ctx = [chunk("pass.txt", 0, 10, "The pass statement is a null operation")]
     assert run_check(spec, ans("It says: pass statement is useful", ctx)).value == 1.0
     assert run_check(spec, ans("pass is useless", ctx)).value == 0.0
+
+
+def test_abstains_only_when_unanswerable():
+    from selftune.rubric import Abstains
+
+    spec = Abstains(type="abstains")
+    unanswerable = PROBE.model_copy(update={"answerable": False, "reference": None})
+    say = lambda text, probe=PROBE: run_check(spec, Answer(probe=probe, text=text)).value  # noqa: E731
+    assert say("I don't know; the context does not say.", unanswerable) == 1.0
+    assert say("The context does not mention the capital of Australia.", unanswerable) == 1.0
+    assert say("Canberra is the capital.", unanswerable) == 0.0
+    assert say("pass is a null operation.") == 1.0
+    assert say("I do not know.") == 0.0  # abstaining on an answerable probe is wrong too
+    cites = run_check(CitesContext(type="cites_context"), Answer(probe=unanswerable, text="I don't know"))
+    assert cites.status == "n/a"
+
+
+def test_user_probes_may_be_marked_unanswerable(tmp_path):
+    from selftune.errors import InputError
+    from selftune.probes import load_user_probes
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"question": "Who designed the Eiffel Tower?", "answerable": false}\n{"question": "q?", "reference": "r"}\n')
+    a, b = load_user_probes(f)
+    assert a.answerable is False and a.reference is None and b.answerable is True and b.reference == "r"
+    f.write_text('{"question": "q?", "answerable": "no"}\n')
+    with pytest.raises(InputError, match=r"line 1\.answerable: expected true or false"):
+        load_user_probes(f)
+    f.write_text('{"question": "q?", "answr": "x"}\n')
+    with pytest.raises(InputError, match=r"line 1\.answr: unknown key"):
+        load_user_probes(f)

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 
 from .records import Answer, Score
-from .rubric import CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
+from .rubric import Abstains, CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
 
 _WORD = re.compile(r"[a-z0-9_]+")
 
@@ -64,6 +64,8 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
         return Score(value=float(inside), raw=float(inside),
                      rationale=f"reference {'contained' if inside else 'not contained'} in the answer")
     if isinstance(spec, CitesContext):
+        if not answer.probe.answerable:
+            return Score(status="n/a", rationale="unanswerable probe: nothing to cite")
         aw = words(text)
         grams = {tuple(aw[i:i + spec.min_words]) for i in range(len(aw) - spec.min_words + 1)}
         for i, c in enumerate(answer.contexts):
@@ -71,4 +73,10 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
             if any(tuple(cw[j:j + spec.min_words]) in grams for j in range(len(cw) - spec.min_words + 1)):
                 return Score(value=1.0, raw=i + 1, rationale=f"shares {spec.min_words} words in a row with context {i + 1}")
         return Score(value=0.0, raw=0, rationale=f"no run of {spec.min_words} words from any retrieved context")
+    if isinstance(spec, Abstains):
+        said = re.search(spec.pattern, text) is not None
+        should = not answer.probe.answerable
+        ok = said == should
+        what = ("abstained" if said else "answered") + (" on an unanswerable probe" if should else "")
+        return Score(value=float(ok), raw=float(said), rationale=f"{what}: {'right' if ok else 'wrong'}")
     raise TypeError(f"unknown check spec {type(spec).__name__}")  # pragma: no cover - closed union

@@ -145,7 +145,8 @@ def assign_splits(probes: list[Probe], spec: SplitSpec, seed: int) -> list[Probe
 
 
 def load_user_probes(path: Path) -> list[Probe]:
-    """A JSONL of ``{"question": ..., "reference": ...}`` lines (reference optional; a human's)."""
+    """A JSONL of ``{"question": ..., "reference": ..., "answerable": ...}`` lines: reference (a human's
+    gold answer) optional; ``answerable: false`` marks a question the corpus does not answer."""
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -159,8 +160,15 @@ def load_user_probes(path: Path) -> list[Probe]:
         ref = row.get("reference")
         if ref is not None and not isinstance(ref, str):
             raise InputError(path, f"line {n}.reference", "expected a string or no key")
+        answerable = row.get("answerable", True)
+        if not isinstance(answerable, bool):
+            raise InputError(path, f"line {n}.answerable", "expected true or false")
+        unknown = sorted(set(row) - {"question", "reference", "answerable"})
+        if unknown:
+            raise InputError(path, f"line {n}.{unknown[0]}", "unknown key; expected question, reference, answerable")
         pid = hashlib.sha256(row["question"].encode()).hexdigest()[:12]
-        out.append(Probe(id=pid, question=row["question"].strip(), reference=ref or None, reference_origin="human"))
+        out.append(Probe(id=pid, question=row["question"].strip(), reference=ref or None, reference_origin="human",
+                         answerable=answerable))
     return out
 
 
