@@ -54,7 +54,7 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: setup
-	$(BIN)/python -m selftune.bench $(CONFIG)
+	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
 
 clean:
 	rm -rf $(WORKDIR) datasets/pyref
