@@ -169,8 +169,13 @@ def _judge_setup(rubric_path: Path, config: Path | None, seed: int) -> tuple[Any
         engines.append(LlamaCppEngine(local_gguf_path(), seed=seed))
         return engines[-1]
 
-    role = build_role("judge", spec, engine if spec.model == "local" else None) if rubric.llm_criteria() else None
-    judge = Judge(rubric, role, seed=seed, method=method, flag_cap=flag_cap)
+    role = build_role("judge", spec, engine if spec.model == "local" else None) if rubric.needs_judge_model() else None
+    embedder = None
+    if any(c.metric == "answer_relevancy" for c in rubric.ragas_criteria()):
+        from .index import Embedder
+
+        embedder = Embedder(cfg.embedder if config is not None else "default")
+    judge = Judge(rubric, role, seed=seed, method=method, flag_cap=flag_cap, embedder=embedder)
     return rubric, judge, lambda: [e.close() for e in engines], f"{uri}|{experiment}", workdir
 
 

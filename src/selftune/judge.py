@@ -26,7 +26,7 @@ from dspy.lm15 import Message, Request
 
 from .lm import Role, ask_json
 from .records import Answer, Judgment, Score
-from .rubric import LLMCriterion, Rubric
+from .rubric import LLMCriterion, RagasCriterion, Rubric
 
 _SCORE = re.compile(r"score\s*[:=]\s*\**\s*(\d+)", re.I)
 _RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
@@ -191,10 +191,15 @@ class Judge:
     """Scores answers against a rubric. ``role`` may be None when the rubric has no LLM criteria."""
 
     def __init__(self, rubric: Rubric, role: Role | None, seed: int = 0, method: str = "auto",
-                 flag_cap: float | None = 0.0):
-        if rubric.llm_criteria() and role is None:
-            raise ValueError("the rubric has llm criteria but no judge model was given")
+                 flag_cap: float | None = 0.0, embedder: Any = None):
+        if rubric.needs_judge_model() and role is None:
+            raise ValueError("the rubric has llm (or ragas LLM) criteria but no judge model was given")
         self.rubric, self.role, self.flag_cap = rubric, role, flag_cap
+        self.ragas = None
+        if rubric.ragas_criteria():
+            from .ragas_metrics import RagasScorer
+
+            self.ragas = RagasScorer(role, embedder)
         self.method = method if method != "auto" else ("logprobs" if role is not None and role.local else "json")
         self.rng = random.Random(seed)
 
@@ -270,7 +275,13 @@ class Judge:
             return Judgment(answer=answer, scores=scores, overall=None)
         scores: dict[str, Score] = {}
         for c in self.rubric.criteria:
-            scores[c.name] = self.score(c, answer) if isinstance(c, LLMCriterion) else run_check(c.check, answer)
+            if isinstance(c, LLMCriterion):
+                scores[c.name] = self.score(c, answer)
+            elif isinstance(c, RagasCriterion):
+                assert self.ragas is not None
+                scores[c.name] = self.ragas.score(c.metric, dict(c.options), answer)
+            else:
+                scores[c.name] = run_check(c.check, answer)
         rule_scores = [(r, run_check(r.check, answer)) for r in self.rubric.must_not]
         violated = [r for r, s in rule_scores if s.status == "ok" and (s.value or 0.0) < 0.5]
         overall, capped = self.rubric.aggregate(scores, violated)

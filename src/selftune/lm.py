@@ -172,7 +172,8 @@ def parse_json_object(text: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict[str, Any],
+             max_tokens: int | None = None) -> tuple[dict[str, Any] | None, str]:
     """One structured call: ``turns`` are (``user``|``assistant``, text), ending with a user turn.
 
     On the local model the reply is constrained by ``schema`` (canonical lm15 ``response_format``);
@@ -180,7 +181,7 @@ def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict
     schemas. Returns (the parsed object or None, the raw text)."""
     messages = tuple(Message.user(t) if r == "user" else Message.assistant(t) for r, t in turns)
     kw = role.lm.kwargs
-    config = LMConfig(max_tokens=kw.get("max_tokens"), temperature=kw.get("temperature"),
+    config = LMConfig(max_tokens=max_tokens or kw.get("max_tokens"), temperature=kw.get("temperature"),
                       response_format={"type": "json_schema", "name": "reply", "schema": schema} if role.local else None)
     response = role.lm(Request(model=role.lm.model, system=system, messages=messages, config=config))
     text = response.text or ""

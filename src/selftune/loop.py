@@ -23,7 +23,7 @@ from .optimize import Optimizer
 from .rag import RAG, load_system
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
-from .trust import Monitor, deterministic_overall
+from .trust import Monitor, deterministic_names, deterministic_overall
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable[Any]]
@@ -66,8 +66,9 @@ class Session:
         self.models = models or Models(cfg)
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
-        judge_role = self.models.role("judge") if self.rubric.llm_criteria() else None
-        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method, flag_cap=cfg.judge.flag_cap)
+        judge_role = self.models.role("judge") if self.rubric.needs_judge_model() else None
+        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method,
+                           flag_cap=cfg.judge.flag_cap, embedder=self.embedder)
 
     def close(self) -> None:
         if isinstance(self.models, Models):
@@ -184,13 +185,14 @@ def _decide(session: Session, val: Evaluation, inc_val: Evaluation, criteria: li
     rubric, spec = session.rubric, session.cfg.gate
     llm = {c.name for c in rubric.llm_criteria()}
     if not trusted:
+        keep = deterministic_names(rubric)
         cap = session.judge.flag_cap
 
         def det(a: Judgment, b: Judgment) -> float | None:
             x, y = deterministic_overall(rubric, a, cap), deterministic_overall(rubric, b, cap)
             return x - y if x is not None and y is not None else None
 
-        return decide(val, inc_val, [c for c in criteria if c not in llm], spec, seed, diff=det,
+        return decide(val, inc_val, [c for c in criteria if c in keep], spec, seed, diff=det,
                       note=f"judge untrusted ({'; '.join(why)}), deterministic criteria only")
     if compared is None:
         return decide(val, inc_val, criteria, spec, seed)

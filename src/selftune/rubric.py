@@ -1,7 +1,8 @@
 """Schema of the rubric YAML (the user's taste) and how criterion scores aggregate.
 
-A criterion is ``kind: llm`` (scored by the judge model on an anchored scale, rationale first) or
-``kind: check`` (deterministic, from the closed catalogue in ``checks.py``). ``must_not`` rules are
+A criterion is ``kind: llm`` (scored by the judge model on an anchored scale, rationale first),
+``kind: check`` (deterministic, from the closed catalogue in ``checks.py``) or ``kind: ragas`` (a ragas
+metric by name, ``ragas_metrics.py``). ``must_not`` rules are
 checks whose failure caps an item's overall score whatever the other criteria say.
 """
 
@@ -131,7 +132,24 @@ class CheckCriterion(Strict):
     check: CheckSpec
 
 
-Criterion = Annotated[LLMCriterion | CheckCriterion, Field(discriminator="kind")]
+RagasMetric = Literal["faithfulness", "answer_relevancy", "context_precision", "context_recall", "exact_match",
+                      "string_presence", "non_llm_string_similarity", "bleu_score", "rouge_score", "chrf_score",
+                      "non_llm_context_precision", "non_llm_context_recall"]
+
+
+class RagasCriterion(Strict):
+    """A ragas metric, computed by ragas with the judge model and the embedder (``ragas_metrics.py``)."""
+
+    kind: Literal["ragas"]
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    weight: float = Field(1.0, gt=0)
+    metric: RagasMetric
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict,
+                                                         description="keyword arguments of the ragas metric")
+
+
+Criterion = Annotated[LLMCriterion | CheckCriterion | RagasCriterion, Field(discriminator="kind")]
 
 
 class MustNot(Strict):
@@ -155,6 +173,14 @@ class Rubric(Strict):
 
     def llm_criteria(self) -> list[LLMCriterion]:
         return [c for c in self.criteria if isinstance(c, LLMCriterion)]
+
+    def ragas_criteria(self) -> list[RagasCriterion]:
+        return [c for c in self.criteria if isinstance(c, RagasCriterion)]
+
+    def needs_judge_model(self) -> bool:
+        from .ragas_metrics import LLM_METRICS
+
+        return bool(self.llm_criteria()) or any(c.metric in LLM_METRICS for c in self.ragas_criteria())
 
     def aggregate(self, scores: dict[str, Score], violated: list[MustNot],
                   only: set[str] | None = None) -> tuple[float | None, tuple[str, ...]]:

@@ -23,7 +23,7 @@ from .judge import Judge
 from .lm import Role
 from .records import Evaluation, Judgment
 from .reliability import length_correlation, retest_stats, swap_consistency
-from .rubric import LLMCriterion, Rubric
+from .rubric import CheckCriterion, LLMCriterion, RagasCriterion, Rubric
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,17 @@ class Monitor:
         return not why, why
 
 
+def deterministic_names(rubric: Rubric) -> set[str]:
+    """Criteria no model scores: checks and ragas's non-LLM metrics."""
+    from .ragas_metrics import LLM_METRICS
+
+    return {c.name for c in rubric.criteria if isinstance(c, CheckCriterion)
+            or (isinstance(c, RagasCriterion) and c.metric not in LLM_METRICS)}
+
+
 def deterministic_overall(rubric: Rubric, j: Judgment, flag_cap: float | None) -> float | None:
     """An item's overall from its check criteria only (must-not caps and the flag cap still apply)."""
-    names = {c.name for c in rubric.criteria if not isinstance(c, LLMCriterion)}
+    names = deterministic_names(rubric)
     scores = {n: s for n, s in j.scores.items() if n in names}
     if not scores or j.answer.error is not None:
         return None
