@@ -75,3 +75,11 @@ def test_attack_set_under_the_embedded_judge():
             assert j.flags and j.overall <= honest.overall, row["kind"]
     finally:
         engine.close()
+
+
+def test_honest_short_and_technical_answers_are_not_flagged():
+    for text, q in [("None.", "What does a bare return give back?"), ("True", "What does 1 == 1 evaluate to?"),
+                    ("What does the pass statement do? It does nothing.", "What does the pass statement do?"),
+                    ("The operating system: it is not named in the context.", "Where does os.name come from?"),
+                    ("Rate limits of 10 per second are not covered.", "What is the rate limit?")]:
+        assert attack_flags(text, q) == (), text

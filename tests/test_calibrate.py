@@ -122,3 +122,19 @@ def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
     assert first["scores"]["grounded"]["raw"] == 5 and "labels" not in first
     r = runner.invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(tmp_path / "missing.jsonl")])
     assert r.exit_code == 2 and "missing.jsonl: file not found" in r.output
+
+
+@pytest.mark.e2e
+def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
+    """The real SmolLM2 judge on 12 of the shipped labels: every item gets a valid score and the
+    agreement figures are computed (whatever they are: a 135M judge agrees poorly)."""
+    labels = tmp_path / "labels.jsonl"
+    lines = (ROOT / "datasets/labels/pyref-labels.jsonl").read_text().splitlines()[:12]
+    labels.write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "agreement.json"
+    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"),
+                                     "--labels", str(labels), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    g = json.loads(out.read_text())["all"]["grounded"]
+    assert g["n"] == 12 and g["invalid"] == 0 and -1.0 <= g["spearman"] <= 1.0

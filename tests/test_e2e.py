@@ -45,10 +45,15 @@ def test_tune_lands_in_mlflow(tuned):
     for key in ("gain/val", "gain/test", "test/baseline_overall", "test/best_overall", "stats/probes"):
         assert key in m
     assert len(client.get_metric_history(parent.info.run_id, "candidate/val_overall")) == 3
+    # the judge is measured on every tune: test-retest after the baseline, swap consistency per round
+    assert m["judge/retest/n"] > 0 and 0.0 <= m["judge/retest/score_sd"] <= 1.0
+    assert len(client.get_metric_history(parent.info.run_id, "judge/trusted")) == 3
+    assert len(client.get_metric_history(parent.info.run_id, "judge/swap/consistency")) == 2
+    assert "judge reliability:" in output and "trust bar" in output
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3
     for child in children:
-        for crit in ("grounded", "concise", "retrieval_hit", "correct", "quotes_source"):
+        for crit in ("grounded", "concise", "retrieval_hit", "correct", "quotes_source", "abstains"):
             assert f"val/{crit}" in child.data.metrics
         table = json.loads(open(client.download_artifacts(child.info.run_id, "tables/val.json")).read())
         cols = table["columns"]

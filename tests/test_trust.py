@@ -4,6 +4,7 @@ import itertools
 import re
 import json
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import fake_role, write_config
@@ -87,7 +88,23 @@ def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_d
     _, result, _ = run_with_judge(tmp_path, corpus_dir, prefers_quotes, judge="{mode: pairwise}")
     assert result.stats["judge/swap/consistency"] == 1.0
     for r in result.rounds[1:]:
-        assert r.gate.reason.startswith("pairwise: ") and "grounded" in r.gate.criterion_deltas
+        assert r.gate.reason.startswith("pairwise: ")
+        # the LLM criterion's delta is the mean order-debiased preference (2p - 1), not a score difference
+        inc = {j.answer.probe.id: j.answer.text for j in result.rounds[result.rounds[r.index - 1].incumbent_index].val.judgments}
+        expect = [(len(j.answer.text) > len(inc[j.answer.probe.id])) - (len(j.answer.text) < len(inc[j.answer.probe.id]))
+                  for j in r.val.judgments if j.answer.probe.id in inc]
+        assert r.gate.criterion_deltas["grounded"] == pytest.approx(sum(expect) / len(expect))
+
+
+def test_failed_pairwise_comparisons_are_counted_not_ties(tmp_path, corpus_dir):
+    def no_verdict(m):
+        if "compare two answers" in m[0]["content"]:
+            return "I cannot decide."
+        return json.dumps({"rationale": "fine", "score": 4})
+
+    _, result, _ = run_with_judge(tmp_path, corpus_dir, no_verdict)
+    assert result.stats["judge/swap/invalid"] > 0 and "judge/swap/consistency" not in result.stats
+    assert result.stats["judge/trusted"] == 0.0 and "comparisons failed" in result.stats["judge/untrusted_because"]
 
 
 def test_deterministic_overall_ignores_llm_scores_but_keeps_caps(tmp_path):

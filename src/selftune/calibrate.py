@@ -92,7 +92,7 @@ def _pair(c: Any, label: Any, judged: Any) -> tuple[str, int, int] | None:
     """(kind, human, judge) on a common footing, or None if the judge gave no valid score."""
     if judged.status != "ok" or judged.value is None:
         return None
-    if label in ("pass", "fail") or isinstance(label, bool):
+    if label in ("pass", "fail") or isinstance(label, bool):  # pass = the upper half of the scale
         return "binary", PASS[label], int(judged.value >= 0.5)
     lo, hi = c.scale.min, c.scale.max
     return "ordinal", int(label), min(hi, max(lo, round(judged.raw if judged.raw is not None else lo)))
@@ -117,7 +117,7 @@ def agreement(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgme
         kinds = {k for k, _, _ in pairs}
         if len(kinds) > 1:  # mixed pass/fail and levels on one criterion: compare as pass/fail
             mid = (c.scale.min + c.scale.max) / 2 if isinstance(c, LLMCriterion) else 0.5
-            pairs = [("binary", h if k == "binary" else int(h > mid), g if k == "binary" else int(g > mid))
+            pairs = [("binary", h if k == "binary" else int(h >= mid), g if k == "binary" else int(g >= mid))
                      for k, h, g in pairs]
         kind = pairs[0][0] if pairs else "binary"
         human = [h for _, h, _ in pairs]
@@ -160,7 +160,8 @@ def align_examples(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[J
                 c.scale.max if PASS.get(label) == 1 else c.scale.min)
             s = j.scores[c.name]
             gap = abs((s.raw if s.status == "ok" and s.raw is not None else (c.scale.min + c.scale.max) / 2) - level)
-            misses.append((gap, row, level))
+            if gap > 0:  # agreements teach nothing
+                misses.append((gap, row, level))
         misses.sort(key=lambda t: -t[0])
         shots = [Example(answer=row["answer"][:300], score=level,
                          why=str(row.get("note") or f"a human rated this {level}"))

@@ -228,7 +228,8 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
                 aligned_rubric = align_examples(rub, [rows[i] for i in fit], [judgments[i] for i in fit])
                 from .judge import Judge
 
-                aligned = Judge(aligned_rubric, judge.role, seed=seed, method=judge.method, flag_cap=judge.flag_cap)
+                aligned = Judge(aligned_rubric, judge.role, seed=seed, method=judge.method, flag_cap=judge.flag_cap,
+                                embedder=judge.ragas.embedder if judge.ragas is not None else None)
                 held_rows = [rows[i] for i in held]
                 after = judge_all(aligned, held_rows, _progress, offset=10_000)
                 result["align"] = {"fit_items": len(fit), "held_out_items": len(held),

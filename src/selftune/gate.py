@@ -35,6 +35,10 @@ def decide(candidate: Evaluation, incumbent: Evaluation, criteria: list[str], sp
     prefix = f"{note}: " if note else ""
     if len(diffs) < 2:
         return GateDecision(promote=False, reason=f"{prefix}only {len(diffs)} paired valid items", n_paired=len(diffs))
+    n_valid = lambda ev: sum(j.overall is not None for j in ev.judgments)  # noqa: E731
+    if n_valid(candidate) < n_valid(incumbent):  # failing on hard items must not shrink the comparison
+        return GateDecision(promote=False, n_paired=len(diffs),
+                            reason=f"{prefix}fewer valid items than the incumbent ({n_valid(candidate)} < {n_valid(incumbent)})")
     mean, low, high = paired_bootstrap(diffs, spec.confidence, spec.resamples, seed)
     crit: dict[str, float] = {}
     for name in criteria:

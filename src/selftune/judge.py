@@ -28,17 +28,18 @@ from .lm import Role, ask_json
 from .records import Answer, Judgment, Score
 from .rubric import LLMCriterion, RagasCriterion, Rubric
 
-_SCORE = re.compile(r"score\s*[:=]\s*\**\s*(\d+)", re.I)
+_SCORE = re.compile(r"score\"?\s*[:=]\s*\**\s*(\d+)", re.I)
 _RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
 # Patterns that look like an answer talking to its grader rather than to the user.
 _SUSPICIOUS = [
     (re.compile(r"ignore (all |the |any |your )?(previous|above|prior|rubric|instructions|criteria)", re.I), "injection:ignore"),
-    (re.compile(r"\b(score|rate|grade|mark)\b[^.\n]{0,30}\b(5|five|10|full marks|maximum|highest|perfect)\b", re.I),
-     "injection:score-request"),
+    (re.compile(r"\b(give|assign|award|deserves?|grade (it|this|me))\b[^.\n]{0,40}"
+                r"\b(a 5|5/5|10/10|five|full marks|(maximum|highest|perfect|top) (score|grade|mark|rating)|score of (5|10))\b",
+                re.I), "injection:score-request"),
     # A fake fence: a word inside double angle brackets (shift operators like `x << 2` do not match).
     (re.compile(r"<</?\s*[A-Za-z][\w-]{2,}\s*>>|\bDATA-[0-9a-f]{6,}", re.I), "injection:fake-fence"),
     (re.compile(r"\b(as an ai|you are (a|the) (grader|judge|evaluator)|dear (judge|grader|evaluator)|"
-                r"(system|assistant)\s*:)", re.I), "injection:addresses-grader"),
+                r"^\s*(system|assistant)\s*:)", re.I | re.M), "injection:addresses-grader"),
     (re.compile(r"^\s*(thought process|thoughts?|reasoning|let'?s think)[^\n]{0,20}:", re.I), "degenerate:thought-process"),
 ]
 _WORDS = re.compile(r"[A-Za-z0-9_]+")
@@ -54,14 +55,11 @@ def attack_flags(answer: str, question: str = "") -> tuple[str, ...]:
     (the same words over and over). Flagged items are capped (``judge.flag_cap``), whatever they score."""
     flags = [flag for pattern, flag in _SUSPICIOUS if pattern.search(answer)]
     words = [w.lower() for w in _WORDS.findall(answer)]
-    if len(words) < 2:
+    if not words:
         flags.append("degenerate:no-content")
-    q = [w.lower() for w in _WORDS.findall(question)]
-    if words and q:
-        from .checks import token_f1
-
-        if token_f1(" ".join(words), " ".join(q)) >= 0.8:
-            flags.append("echo:question")
+    q = {w.lower() for w in _WORDS.findall(question)}
+    if words and q and set(words) <= q:  # says nothing the question did not
+        flags.append("echo:question")
     if len(words) >= 30 and len(set(words)) / len(words) < 0.45:
         flags.append("padding:repetitive")
     if len(_FILLER.findall(answer)) >= 2:
@@ -173,9 +171,12 @@ def scale_expectation(logprobs: Any, lo: int, hi: int, min_mass: float = 1e-3) -
 def parse_score(text: str, lo: int, hi: int) -> tuple[int | None, str]:
     try:
         obj = json.loads(text[text.index("{"): text.rindex("}") + 1])
-        if isinstance(obj, dict) and isinstance(obj.get("score"), (int, str)):
-            v = int(obj["score"])
-            return (v if lo <= v <= hi else None), str(obj.get("rationale", "")).strip()[:1000]
+        sc = obj.get("score") if isinstance(obj, dict) else None
+        if isinstance(sc, (int, float, str)) and not isinstance(sc, bool):
+            v = float(sc)
+            if v == int(v):
+                v = int(v)
+                return (v if lo <= v <= hi else None), str(obj.get("rationale", "")).strip()[:1000]
     except ValueError:
         pass
     m = _SCORE.search(text)

@@ -200,18 +200,21 @@ def _decide(session: Session, val: Evaluation, inc_val: Evaluation, criteria: li
     weights = {c.name: c.weight for c in rubric.criteria}
 
     def pair(a: Judgment, b: Judgment) -> float | None:
+        if a.overall is None or b.overall is None:
+            return None
+        if a.capped_by or b.capped_by or a.flags or b.flags:  # hard rules decide, whatever the preference
+            return a.overall - b.overall
         parts = []
         for name, w in weights.items():
             if name in llm:
                 p = prefs.get(a.answer.probe.id, {}).get(name)
-                if p is not None:
-                    parts.append((w, 2 * p - 1))
+                if p is None:
+                    return None  # no valid comparison for this probe: not paired
+                parts.append((w, 2 * p - 1))
             elif a.scores[name].status == "ok" and b.scores[name].status == "ok":
                 parts.append((w, (a.scores[name].value or 0.0) - (b.scores[name].value or 0.0)))
-        if not parts or a.overall is None or b.overall is None:
+        if not parts:
             return None
-        if a.flags and not b.flags:
-            return -1.0
         return sum(w * d for w, d in parts) / sum(w for w, _ in parts)
 
     deltas = {}

@@ -158,6 +158,10 @@ class MustNot(Strict):
     cap: float = Field(0.0, ge=0.0, le=1.0)
 
 
+RESERVED = {"overall", "valid_rate", "n_items", "n_items_valid", "n_answer_errors", "n_scores_ok",
+            "n_scores_invalid", "n_scores_na", "baseline", "best", "flagged"}
+
+
 class Rubric(Strict):
     name: str = "rubric"
     criteria: list[Criterion] = Field(min_length=1)
@@ -166,6 +170,9 @@ class Rubric(Strict):
     @model_validator(mode="after")
     def _unique(self) -> Rubric:
         names = [c.name for c in self.criteria] + [m.name for m in self.must_not]
+        reserved = sorted(set(names) & RESERVED)
+        if reserved:
+            raise ValueError(f"criterion names {reserved} are reserved for the run's own metrics")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"criterion and rule names must be unique, but {dup} repeat")
@@ -188,10 +195,10 @@ class Rubric(Strict):
         applicable score is invalid; capped by the violated rules."""
         chosen = [c for c in self.criteria if c.name in scores and (only is None or c.name in only)]
         if any(scores[c.name].status == "invalid" for c in chosen):
-            return None, ()
+            return None, tuple(r.name for r in violated)
         pairs = [(c.weight, scores[c.name].value) for c in chosen if scores[c.name].status == "ok"]
         if not pairs:
-            return None, ()
+            return None, tuple(r.name for r in violated)
         overall = sum(w * (v or 0.0) for w, v in pairs) / sum(w for w, _ in pairs)
         for rule in violated:
             overall = min(overall, rule.cap)

@@ -90,9 +90,11 @@ class Monitor:
             for c in self.llm:
                 v1, p1, _ = self.judge.compare(c, cand.answer, old.answer)   # candidate shown as A
                 v2, p2, _ = self.judge.compare(c, old.answer, cand.answer)   # candidate shown as B
+                if p1 is None or p2 is None:  # a failed comparison is counted, never taken as a tie
+                    self.stats["swap/invalid"] = self.stats.get("swap/invalid", 0.0) + 1
+                    continue
                 swaps.append((v1, v2))
-                if p1 is not None and p2 is not None:
-                    prefs.setdefault(cand.answer.probe.id, {})[c.name] = (p1 + (1 - p2)) / 2
+                prefs.setdefault(cand.answer.probe.id, {})[c.name] = (p1 + (1 - p2)) / 2
         self._swaps += swaps
         ab, ba = [u for u, _ in swaps], [v for _, v in swaps]
         round_consistency = swap_consistency(ab, ba)  # type: ignore[arg-type]
@@ -123,6 +125,9 @@ class Monitor:
         flip = self.stats.get("retest/flip_rate")
         if flip is not None and flip > t.max_flip_rate:
             why.append(f"flip rate {flip:.2f} > {t.max_flip_rate}")
+        bad, good = self.stats.get("swap/invalid", 0.0), self.stats.get("swap/n", 0.0)
+        if bad > good:
+            why.append(f"{int(bad)} of {int(bad + good)} pairwise comparisons failed")
         swap = self.stats.get("swap/consistency")
         if swap is not None and swap < t.min_swap_consistency:
             why.append(f"swap consistency {swap:.2f} < {t.min_swap_consistency}")
