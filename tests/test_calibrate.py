@@ -137,4 +137,6 @@ def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
                                      "--labels", str(labels), "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     g = json.loads(out.read_text())["all"]["grounded"]
-    assert g["n"] == 12 and g["invalid"] == 0 and -1.0 <= g["spearman"] <= 1.0
+    assert g["n"] == 12 and g["invalid"] == 0
+    # rho is undefined (None) when the judge gives every item the same level, as a 135M judge may
+    assert g["spearman"] is None or -1.0 <= g["spearman"] <= 1.0

@@ -108,3 +108,13 @@ def test_off_topic_questions_are_dropped():
     s = "The pass statement is a null operation; nothing happens when it executes."
     assert on_topic("What happens when the pass statement executes?", s)
     assert not on_topic("What is the purpose of the built-in class def?", s)
+
+
+def test_sentences_may_wrap_over_single_line_breaks():
+    from selftune.probes import candidate_sentences
+    from selftune.records import Chunk
+
+    text = "The pass statement is a null operation; when it is\nexecuted, nothing happens at all here.\n\nNext one"
+    (start, end, s), = candidate_sentences(Chunk(id="c", doc="d", start=100, end=100 + len(text), text=text))
+    assert s == "The pass statement is a null operation; when it is executed, nothing happens at all here."
+    assert text[start - 100:end - 100].endswith("here.") and start == 100

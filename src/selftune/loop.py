@@ -104,6 +104,8 @@ class Session:
                                         cfg.probes.count * cfg.probes.max_attempts_factor,
                                         progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
             user = P.load_user_probes(cfg.probes.file) if cfg.probes.file else []
+            if len(synth + user) < 6:
+                raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); stats: {stats}")
             probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
             P.save_jsonl(probes, cache)
         if len(probes) < 6:

@@ -22,8 +22,9 @@ from .lm import Role, ask_json
 from .records import Chunk, Probe, Split
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SYNTH_VERSION = 3  # part of the probe cache key: bump when synthesis changes
-_SENT = re.compile(r"[^.!?\n]+[.!?]")
+SYNTH_VERSION = 4  # part of the probe cache key: bump when synthesis changes
+# A sentence may wrap over single line breaks (wrapped text), never over a blank line.
+_SENT = re.compile(r"(?:[^.!?\n]|\n(?![ \t]*\n))+[.!?]")
 
 
 QUESTION_SYSTEM = "You write quiz questions. Given a sentence, write one question that the sentence answers. Reply with JSON."
@@ -49,12 +50,13 @@ def candidate_sentences(chunk: Chunk) -> list[tuple[int, int, str]]:
     """(start, end, text) of prose sentences with 8-40 words, offsets relative to the document."""
     out = []
     for m in _SENT.finditer(chunk.text):
-        s = m.group(0).strip()
+        raw = m.group(0).strip()
+        s = " ".join(raw.split())  # wrapped lines joined; the span stays on the document's text
         n = len(s.split())
         letters = sum(ch.isalpha() or ch.isspace() for ch in s) / max(len(s), 1)
         if 8 <= n <= 40 and letters > 0.85 and s[0].isupper():
             start = chunk.start + m.start() + (len(m.group(0)) - len(m.group(0).lstrip()))
-            out.append((start, start + len(s), s))
+            out.append((start, start + len(raw), s))
     return out
 
 
