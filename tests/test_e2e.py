@@ -49,7 +49,7 @@ def test_tune_lands_in_mlflow(tuned):
     assert m["judge/retest/n"] > 0 and 0.0 <= m["judge/retest/score_sd"] <= 1.0
     assert len(client.get_metric_history(parent.info.run_id, "judge/trusted")) == 3
     assert len(client.get_metric_history(parent.info.run_id, "judge/swap/consistency")) == 2
-    assert "judge reliability:" in output and "trust bar" in output
+    assert "judge reliability:" in output and "trust bar" in output.lower()
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3
     for child in children:
