@@ -8,7 +8,7 @@ Items (``selftune judge``) and labels (``selftune calibrate``) are JSONL, one ob
 ``contexts`` and ``reference`` are optional; ``labels`` (calibrate only) holds, per criterion, a level
 on its scale (LLM criteria) or ``pass``/``fail`` (checks, and LLM criteria labelled that way: pass
 means the upper half of the scale). Agreement per criterion: Cohen's kappa (quadratic weights on an
-ordinal scale, unweighted for pass/fail) and Spearman's rho, each with a bootstrap 95% interval, and
+ordinal scale, unweighted for pass/fail; on rounded levels) and Spearman's rho (on the unrounded score), each with a bootstrap 95% interval, and
 the confusion table (rows: human, columns: judge).
 
 ``--align`` splits the labels by seed: the disagreements of one part become calibration examples for
@@ -103,7 +103,7 @@ def agreement(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgme
     """Per labelled criterion: n, kappa, rho (with bootstrap 95% intervals), confusion table, invalid count."""
     out: dict[str, dict[str, Any]] = {}
     for c in rubric.criteria:
-        pairs, invalid = [], 0
+        pairs, invalid, raw = [], 0, []
         for row, j in zip(rows, judgments):
             if c.name not in (row.get("labels") or {}):
                 continue
@@ -112,6 +112,7 @@ def agreement(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgme
                 invalid += 1
             else:
                 pairs.append(p)
+                raw.append(float(j.scores[c.name].value or 0.0))  # the unrounded score, for rho
         if not pairs and not invalid:
             continue
         kinds = {k for k, _, _ in pairs}
@@ -129,7 +130,8 @@ def agreement(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[Judgme
             return cohen_kappa([human[i] for i in idx], [judge[i] for i in idx], levels, weights)  # type: ignore[arg-type]
 
         def rho(idx: list[int]) -> float | None:
-            return spearman([human[i] for i in idx], [judge[i] for i in idx])
+            # on the judge's unrounded score: a G-Eval expectation ranks items even when it rounds to one level
+            return spearman([human[i] for i in idx], [raw[i] for i in idx])
 
         all_idx = list(range(len(pairs)))
         out[c.name] = {
