@@ -17,12 +17,11 @@ the LLM criteria; agreement is reported before and after on the other part only.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, read_jsonl
 from .judge import Judge
 from .records import Answer, Chunk, Judgment, Probe
 from .reliability import bootstrap_ci, cohen_kappa, confusion, spearman
@@ -37,13 +36,7 @@ def read_items(path: Path, rubric: Rubric | None = None, need_labels: bool = Fal
         raise InputError(path, "", "file not found")
     names = {c.name: c for c in rubric.criteria} if rubric else {}
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"line {n}", f"expected a JSON object ({err.msg})") from None
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise InputError(path, f"line {n}", "expected a JSON object")
         for key in ("question", "answer"):

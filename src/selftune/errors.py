@@ -20,6 +20,21 @@ class InputError(Exception):
         super().__init__(f"{where}: {expected}")
 
 
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line; bad JSON is an InputError naming the line."""
+    import json
+
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"line {n}", f"expected a JSON object ({err.msg})") from None
+    return out
+
+
 def read_yaml(path: Path) -> Any:
     """Safe-load a YAML file; a missing or unparsable file is an InputError."""
     if not path.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .checks import words
 from .config import SplitSpec
-from .errors import InputError
+from .errors import InputError, read_jsonl
 from .lm import Role, ask_json
 from .records import Chunk, Probe, Split
 
@@ -150,13 +150,7 @@ def load_user_probes(path: Path) -> list[Probe]:
     """A JSONL of ``{"question": ..., "reference": ..., "answerable": ...}`` lines: reference (a human's
     gold answer) optional; ``answerable: false`` marks a question the corpus does not answer."""
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"line {n}", f"expected a JSON object ({err.msg})") from None
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise InputError(path, f"line {n}.question", "expected a non-empty string")
         ref = row.get("reference")

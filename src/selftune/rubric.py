@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InputError, read_yaml, validate
+from .ragas_metrics import METRICS
 from .records import Score
 
 
@@ -124,27 +125,24 @@ class LLMCriterion(Strict):
     examples: list[Example] = []
 
 
-class CheckCriterion(Strict):
-    kind: Literal["check"]
+class _Scored(Strict):
+    """Fields every non-LLM criterion shares."""
+
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
     weight: float = Field(1.0, gt=0)
+
+
+class CheckCriterion(_Scored):
+    kind: Literal["check"]
     check: CheckSpec
 
 
-RagasMetric = Literal["faithfulness", "answer_relevancy", "context_precision", "context_recall", "exact_match",
-                      "string_presence", "non_llm_string_similarity", "bleu_score", "rouge_score", "chrf_score",
-                      "non_llm_context_precision", "non_llm_context_recall"]
-
-
-class RagasCriterion(Strict):
+class RagasCriterion(_Scored):
     """A ragas metric, computed by ragas with the judge model and the embedder (``ragas_metrics.py``)."""
 
     kind: Literal["ragas"]
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    description: str = ""
-    weight: float = Field(1.0, gt=0)
-    metric: RagasMetric
+    metric: Literal[METRICS]  # type: ignore[valid-type]
     options: dict[str, str | int | float | bool] = Field(default_factory=dict,
                                                          description="keyword arguments of the ragas metric")
 
