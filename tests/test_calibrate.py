@@ -140,3 +140,33 @@ def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
     assert g["n"] == 12 and g["invalid"] == 0
     # rho is undefined (None) when the judge gives every item the same level, as a 135M judge may
     assert g["spearman"] is None or -1.0 <= g["spearman"] <= 1.0
+
+
+def test_calibrate_a_judge_panel_reports_each_member_and_their_agreement(tmp_path, monkeypatch):
+    from selftune.calibrate import member_judgments
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    rubric = tmp_path / "r.yaml"
+    rubric.write_text((ROOT / "configs/rubrics/taste.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    ones = fake_role(lambda m: json.dumps({"rationale": "always 1", "score": 1}), name="ones")
+
+    def fake_setup(rubric_path, config, seed):
+        rub = load_rubric(rubric_path)
+        return rub, Judge(rub, [scripted(), ones]), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
+
+    monkeypatch.setattr(cli, "_judge_setup", fake_setup)
+    out = tmp_path / "agreement.json"
+    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    # the scripted member alone agrees as in the single-judge test; the always-1 member matches only the two 1s
+    assert res["members"]["fake"]["grounded"]["exact_agreement"] == pytest.approx(4 / 6)
+    assert res["members"]["ones"]["grounded"]["exact_agreement"] == pytest.approx(2 / 6)
+    # pass/fail (>= 0.5 on [0, 1]) between members: the scripted judge fails only a2 (1; a 3 is 0.5, a
+    # pass), the always-1 member fails everything -> they agree on 1 of 6
+    assert res["panel_agreement"]["grounded/rate"] == pytest.approx(1 / 6)
+    assert "judge ones alone" in r.output and "judges against each other" in r.output
+    js = judge_all(Judge(RUBRIC, [scripted(), ones]), rows(), no_progress)
+    assert [j.scores["grounded"].raw for j in member_judgments(RUBRIC, js, "ones")] == [1] * 6

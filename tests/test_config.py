@@ -92,3 +92,27 @@ def test_cli_missing_api_key_fails_before_work(tmp_path, corpus_dir, monkeypatch
     assert result.exit_code == 2
     assert "SELFTUNE_TEST_KEY" in result.output
     assert not (tmp_path / "work" / "mlflow.db").exists()
+
+
+def test_judge_panel_config(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text() + "judge: {models: [local, {model: openai/gpt-4o-mini, max_tokens: 200}], "
+                                       "aggregate: min, trust: {min_agreement: 0.7}}\n")
+    cfg = load_config(path)
+    specs = cfg.judge_specs()
+    assert [s.model for s in specs] == ["local", "openai/gpt-4o-mini"] and specs[1].max_tokens == 200
+    assert cfg.judge.aggregate == "min" and cfg.judge.trust.min_agreement == 0.7
+
+
+@pytest.mark.parametrize("extra, key, expected", [
+    ("judge: {models: [local, gpt4]}", "judge.models.1.model", "LiteLLM id"),
+    ("judge: {models: []}", "judge.models", "at least 1"),
+    ("judge: {aggregate: vote}", "judge.aggregate", "mean"),
+    ("models: {judge: {model: local}}\njudge: {models: [local, local]}", "judge.models", "name the judge once"),
+])
+def test_bad_judge_panel_names_the_key(tmp_path, corpus_dir, extra, key, expected):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text() + extra + "\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key == key and expected in str(info.value)

@@ -118,3 +118,44 @@ def test_injection_is_flagged_and_capped_even_if_judge_is_fooled():
     assert attack.overall <= honest_wrong.overall
     assert attack_flags("A plain answer.") == ()
     assert attack_flags("Use x << 2 to shift left by two bits.") == ()  # a shift operator is not a fence
+
+
+def scorer(score):
+    """A JSON judge that always gives ``score`` (None: a reply with no score)."""
+    return lambda m: json.dumps({"rationale": f"says {score}", "score": score}) if score is not None else "no idea"
+
+
+@pytest.mark.parametrize("aggregate, expected", [("mean", 3.0), ("min", 2.0), ("median", 3.0)])
+def test_judge_panel_aggregates_and_keeps_each_members_score(aggregate, expected):
+    panel = [fake_role(scorer(4), name="judge"), fake_role(scorer(2), name="judge2")]
+    judge = Judge(RUBRIC, panel, seed=0, aggregate=aggregate)
+    s = judge.judge(Answer(probe=PROBE, text="The pass statement is a null operation.", contexts=CTX)).scores["grounded"]
+    assert s.status == "ok" and s.raw == expected and s.value == pytest.approx((expected - 1) / 4)
+    assert s.by_judge == {"judge": 4, "judge2": 2}
+    assert "[judge] says 4" in s.rationale and "[judge2] says 2" in s.rationale
+    assert all(len(r.engine.calls) == 1 for r in panel)  # each member scored grounded once
+
+
+def test_judge_panel_member_failure_is_kept_and_all_failing_is_invalid():
+    judge = Judge(RUBRIC, [fake_role(scorer(None)), fake_role(scorer(5))], seed=0)
+    assert judge.names == ["fake#1", "fake#2"]  # same role names made unique
+    s = judge.judge(Answer(probe=PROBE, text="The pass statement is a null operation.", contexts=CTX)).scores["grounded"]
+    assert s.raw == 5 and s.by_judge == {"fake#1": None, "fake#2": 5}
+    judge = Judge(RUBRIC, [fake_role(scorer(None)), fake_role(scorer(None))], seed=0)
+    s = judge.judge(Answer(probe=PROBE, text="x", contexts=CTX)).scores["grounded"]
+    assert s.status == "invalid" and s.value is None and s.by_judge == {"fake#1": None, "fake#2": None}
+
+
+def test_judge_panel_pairwise_averages_the_members():
+    def says(winner):
+        return lambda m: json.dumps({"rationale": "r", "winner": winner})
+
+    a = Answer(probe=PROBE, text="The pass statement is a null operation.", contexts=CTX)
+    b = Answer(probe=PROBE, text="It loops.", contexts=CTX)
+    c = RUBRIC.llm_criteria()[0]
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("A"))]).compare(c, a, b)
+    assert verdict == "A" and p == 1.0
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("B"))]).compare(c, a, b)
+    assert verdict == "tie" and p == 0.5
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("B")), fake_role(lambda m: "??")]).compare(c, a, b)
+    assert verdict == "B" and p == 0.0  # the member with no verdict does not count

@@ -32,6 +32,9 @@ class FakeModels:
     def role(self, name):
         return self.roles[name]
 
+    def judges(self):  # the panel: "judge", then "judge2", ... when a test adds them
+        return [self.roles[n] for n in sorted(self.roles) if n.startswith("judge")]
+
 
 def no_progress(it, **_):
     return it

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from selftune.reliability import (bootstrap_ci, cohen_kappa, confusion, length_correlation, pearson, ranks,
+from selftune.reliability import (bootstrap_ci, cohen_kappa, confusion, length_correlation, panel_agreement, pearson, ranks,
                                   retest_stats, spearman, swap_consistency)
 
 A = [1, 1, 2, 2, 3, 3]
@@ -62,3 +62,15 @@ def test_bootstrap_interval_contains_the_statistic_and_is_seeded():
     lo, hi = bootstrap_ci(stat, len(x), seed=3)
     assert lo is not None and hi is not None and lo <= spearman(x, y) <= hi and hi <= 1.0
     assert bootstrap_ci(stat, len(x), seed=3) == (lo, hi)
+
+
+def test_panel_agreement_by_hand():
+    pairs = [(1.0, 0.75), (0.25, 0.75), (0.0, 0.0), (0.5, 0.25)]
+    a = panel_agreement(pairs)
+    # pass/fail (>= 0.5): agree, disagree, agree, disagree -> 2/4
+    assert a["n"] == 4 and a["rate"] == 0.5 and a["disagreement_rate"] == 0.5
+    assert a["mean_abs_diff"] == pytest.approx((0.25 + 0.5 + 0 + 0.25) / 4)
+    # ranks x [4, 2, 1, 3], y [3.5, 3.5, 1, 2]: sxy 3, sxx 5, syy 4.5 -> 3 / sqrt(22.5)
+    assert a["spearman"] == pytest.approx(3 / math.sqrt(22.5))
+    assert panel_agreement([]) == {"n": 0.0}
+    assert "spearman" not in panel_agreement([(1.0, 1.0), (1.0, 0.0), (1.0, 0.5)])  # one side constant

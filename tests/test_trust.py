@@ -122,3 +122,65 @@ def test_deterministic_overall_ignores_llm_scores_but_keeps_caps(tmp_path):
     assert deterministic_overall(rubric, j, 0.0) == 0.6
     assert deterministic_overall(rubric, j.model_copy(update={"flags": ("echo:question",)}), 0.0) == 0.0
     assert deterministic_overall(rubric, j.model_copy(update={"capped_by": ("no_grader_talk",)}), 0.0) == 0.0
+
+
+def scoring(score):
+    def script(m):
+        if "compare two answers" in m[0]["content"]:
+            return json.dumps({"rationale": "same", "winner": "tie"})
+        return json.dumps({"rationale": "fine", "score": score})
+    return script
+
+
+@pytest.mark.parametrize("second, agree", [(5, 1.0), (2, 0.0)])
+def test_judge_panel_agreement_is_measured_and_gates_trust(tmp_path, corpus_dir, second, agree):
+    cfg = load_config(write_config(tmp_path, corpus_dir, judge="{models: [local, local]}"))
+    models = FakeModels()
+    models.roles["judge"] = fake_role(scoring(4), name="judge")
+    models.roles["judge2"] = fake_role(scoring(second), name="judge2")
+    tracker = MlflowTracker(cfg)
+    result = tune(Session(cfg, models=models), 2, tracker, no_progress)
+    st = result.stats
+    # 4 is a pass (0.75 on [0, 1]); 5 agrees with it, 2 (0.25) does not, on every item
+    assert st["judge/agreement/rate"] == agree and st["judge/agreement/grounded/rate"] == agree
+    assert st["judge/agreement/disagreement_rate"] == 1 - agree and st["judge/agreement/n"] > 0
+    j = result.rounds[0].val.judgments[0].scores["grounded"]
+    assert j.by_judge == {"judge": 4, "judge2": second} and j.raw == (4 + second) / 2
+    assert st["judge/trusted"] == float(agree == 1.0)
+    if agree == 0.0:
+        assert "judges agree on 0.00 of items < 0.6" in st["judge/untrusted_because"]
+        assert all("deterministic criteria only" in r.gate.reason for r in result.rounds[1:])
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(tracker.parent_id)
+    assert parent.data.metrics["judge/agreement/rate"] == agree
+    assert parent.data.params["model.judge"] == "local, local" and "judge panel agreement" in report(result)
+
+
+def test_ragas_llm_metrics_are_retested_and_length_checked():
+    from selftune.config import JudgeSpec
+    from selftune.judge import Judge
+    from selftune.records import Evaluation
+    from selftune.rubric import Rubric
+    from selftune.trust import Monitor
+
+    state = {"verdict": 1}
+
+    def script(m):  # ragas faithfulness: statements, then a verdict that changes after the first pass
+        if '"verdict"' in m[-1]["content"]:
+            return json.dumps({"statements": [{"statement": "pass does nothing.", "reason": "r", "verdict": state["verdict"]}]})
+        return json.dumps({"statements": ["pass does nothing."]})
+
+    rubric = Rubric.model_validate({"criteria": [{"name": "faithful", "kind": "ragas", "metric": "faithfulness"}]})
+    judge = Judge(rubric, fake_role(script, local=True))
+    ctx = (Chunk(id="c", doc="d", start=0, end=1, text="pass is a null operation."),)
+    evs = Evaluation(params={}, split="train", judgments=tuple(
+        judge.judge(Answer(probe=Probe(id=f"p{i}", question="What does pass do?"), text="pass does nothing " * (i + 1),
+                           contexts=ctx)) for i in range(4)))
+    assert all(j.scores["faithful"].value == 1.0 for j in evs.judgments)
+    monitor = Monitor(rubric, judge, JudgeSpec(retest_sample=3))
+    state["verdict"] = 0
+    out = monitor.retest([evs])
+    assert out["retest/faithful/n"] == 3 and out["retest/faithful/flip_rate"] == 1.0 and out["retest/flip_rate"] == 1.0
+    monitor.observe([evs])
+    assert "length_corr/faithful" not in monitor.stats  # every score is 1.0: no correlation defined
+    assert not monitor.verdict()[0]

@@ -77,8 +77,29 @@ def to_answer(row: dict[str, Any], i: int) -> Answer:
 
 def judgment_row(row: dict[str, Any], j: Judgment) -> dict[str, Any]:
     return {**{k: v for k, v in row.items() if k != "labels"}, "overall": j.overall, "flags": list(j.flags),
-            "scores": {n: {"score": s.value, "raw": s.raw, "status": s.status, "rationale": s.rationale}
+            "scores": {n: {"score": s.value, "raw": s.raw, "status": s.status, "rationale": s.rationale,
+                           **({"by_judge": s.by_judge} if s.by_judge else {})}
                        for n, s in j.scores.items()}}
+
+
+def member_judgments(rubric: Rubric, judgments: list[Judgment], member: str) -> list[Judgment]:
+    """The judgments as one member of a judge panel alone scored the LLM criteria (its raw score
+    from ``Score.by_judge``; invalid where it gave none), to measure each judge against the labels."""
+    from .records import Score
+
+    llm = {c.name: c for c in rubric.llm_criteria()}
+    out = []
+    for j in judgments:
+        scores = dict(j.scores)
+        for name, c in llm.items():
+            s = j.scores.get(name)
+            if s is None or member not in s.by_judge:
+                continue
+            raw = s.by_judge[member]
+            scores[name] = (Score(value=c.scale.normalize(raw), raw=raw, flags=s.flags) if raw is not None
+                            else Score(status="invalid", rationale=f"{member} gave no score", flags=s.flags))
+        out.append(j.model_copy(update={"scores": scores}))
+    return out
 
 
 def _pair(c: Any, label: Any, judged: Any) -> tuple[str, int, int] | None:

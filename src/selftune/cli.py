@@ -148,7 +148,7 @@ def _judge_setup(rubric_path: Path, config: Path | None, seed: int) -> tuple[Any
         from .config import load_config
 
         cfg = load_config(config)
-        spec, method, flag_cap = cfg.models.judge, cfg.judge.method, cfg.judge.flag_cap
+        specs, method, flag_cap, aggregate = cfg.judge_specs(), cfg.judge.method, cfg.judge.flag_cap, cfg.judge.aggregate
         uri, workdir, experiment = cfg.tracking_uri(), cfg.workdir, cfg.tracking.experiment
         from .lm import check_credentials
 
@@ -156,7 +156,7 @@ def _judge_setup(rubric_path: Path, config: Path | None, seed: int) -> tuple[Any
     else:
         from .config import ModelSpec
 
-        spec, method, flag_cap = ModelSpec(model="local", max_tokens=40), "auto", 0.0
+        specs, method, flag_cap, aggregate = [ModelSpec(model="local", max_tokens=40)], "auto", 0.0, "mean"
         workdir = Path(".selftune")
         uri, experiment = f"sqlite:///{(workdir / 'mlflow.db').resolve()}", "selftune"
     _setup(workdir)
@@ -169,13 +169,14 @@ def _judge_setup(rubric_path: Path, config: Path | None, seed: int) -> tuple[Any
         engines.append(LlamaCppEngine(local_gguf_path(), seed=seed))
         return engines[-1]
 
-    role = build_role("judge", spec, engine if spec.model == "local" else None) if rubric.needs_judge_model() else None
+    roles = [build_role("judge" if i == 0 else f"judge{i + 1}", spec, engine if spec.model == "local" else None)
+             for i, spec in enumerate(specs)] if rubric.needs_judge_model() else None
     embedder = None
     if any(c.metric == "answer_relevancy" for c in rubric.ragas_criteria()):
         from .index import Embedder
 
         embedder = Embedder(cfg.embedder if config is not None else "default")
-    judge = Judge(rubric, role, seed=seed, method=method, flag_cap=flag_cap, embedder=embedder)
+    judge = Judge(rubric, roles, seed=seed, method=method, flag_cap=flag_cap, embedder=embedder, aggregate=aggregate)
     return rubric, judge, lambda: [e.close() for e in engines], f"{uri}|{experiment}", workdir
 
 
@@ -215,6 +216,8 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     """Agreement of the judge with human labels: Cohen's kappa and Spearman's rho with bootstrap
     95% intervals and the confusion table per criterion; logged to MLflow."""
     from .calibrate import agreement, align_examples, judge_all, read_items, split_for_alignment
+    from .config import JudgeSpec
+    from .records import Evaluation
     from .rubric import load_rubric
 
     try:
@@ -223,13 +226,20 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
         try:
             judgments = judge_all(judge, rows, _progress)
             result: dict[str, Any] = {"labels": str(labels), "n": len(rows), "all": agreement(rub, rows, judgments, seed)}
+            if len(judge.roles) > 1:  # a panel: each member against the labels, and the members against each other
+                from .calibrate import member_judgments
+                from .trust import Monitor
+
+                result["members"] = {name: agreement(rub, rows, member_judgments(rub, judgments, name), seed)
+                                     for name in judge.names}
+                panel = Monitor(rub, judge, JudgeSpec())
+                panel.observe([Evaluation(params={}, split="test", judgments=tuple(judgments))])
+                result["panel_agreement"] = {k.split("/", 1)[1]: v for k, v in panel.stats.items()
+                                             if k.startswith("agreement/")}
             if align:
                 fit, held = split_for_alignment(len(rows), seed)
                 aligned_rubric = align_examples(rub, [rows[i] for i in fit], [judgments[i] for i in fit])
-                from .judge import Judge
-
-                aligned = Judge(aligned_rubric, judge.role, seed=seed, method=judge.method, flag_cap=judge.flag_cap,
-                                embedder=judge.ragas.embedder if judge.ragas is not None else None)
+                aligned = judge.variant(rubric=aligned_rubric, seed=seed)
                 held_rows = [rows[i] for i in held]
                 after = judge_all(aligned, held_rows, _progress, offset=10_000)
                 result["align"] = {"fit_items": len(fit), "held_out_items": len(held),
@@ -257,6 +267,7 @@ def _fmt(v: Any) -> str:
 def _calibration_text(result: dict[str, Any]) -> str:
     lines = []
     sections = [("all items", result["all"])]
+    sections += [(f"all items, judge {name} alone", agg) for name, agg in result.get("members", {}).items()]
     if "align" in result:
         sections += [(f"held-out {result['align']['held_out_items']} items, before alignment", result["align"]["before"]),
                      ("same items, after alignment", result["align"]["after"])]
@@ -269,6 +280,9 @@ def _calibration_text(result: dict[str, Any]) -> str:
                          f"[{_fmt(k_lo)}, {_fmt(k_hi)}]  rho {_fmt(a['spearman'])} [{_fmt(r_lo)}, {_fmt(r_hi)}]  "
                          f"exact {_fmt(a['exact_agreement'])}")
             lines.append(f"{'':16s} confusion (rows human, cols judge; levels {a['levels']}): {a['confusion']}")
+    if result.get("panel_agreement"):
+        lines.append("# judges against each other (pass/fail agreement; normalized scores)")
+        lines += [f"{k:28s} {v:.3f}" for k, v in sorted(result["panel_agreement"].items())]
     return "\n".join(lines)
 
 
@@ -288,6 +302,8 @@ def _log_calibration(uri: str, experiment: str, rubric: Path, labels: Path, resu
     parts = [("calibrate", result["all"])]
     if "align" in result:
         parts += [("align/before", result["align"]["before"]), ("align/after", result["align"]["after"])]
+    parts += [(f"member/{name}", agg) for name, agg in result.get("members", {}).items()]
+    metrics += [Metric(f"panel/{k}", float(v), now, 0) for k, v in result.get("panel_agreement", {}).items()]
     for prefix, agg in parts:
         for name, a in agg.items():
             for key in ("kappa", "spearman", "exact_agreement"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InputError, read_yaml, validate
 
@@ -126,6 +126,8 @@ class TrustSpec(Strict):
     max_flip_rate: float = Field(0.25, ge=0.0, le=1.0)
     min_swap_consistency: float = Field(0.6, ge=0.0, le=1.0)
     max_length_corr: float | None = Field(0.6, ge=0.0, le=1.0)
+    min_agreement: float | None = Field(
+        0.6, ge=0.0, le=1.0, description="with judge.models: the share of items on which the judges agree (pass/fail)")
 
 
 class JudgeSpec(Strict):
@@ -133,6 +135,11 @@ class JudgeSpec(Strict):
     probabilities of the scale tokens (G-Eval); ``json``: rationale and score as one JSON object
     (schema-constrained on the local model). ``auto``: logprobs on the local model, json on hosted."""
 
+    models: list[ModelSpec] | None = Field(
+        None, min_length=1, max_length=5,
+        description="a panel of judges (instead of models.judge): each scores every LLM criterion; "
+                    "a LiteLLM id string is short for {model: id}")
+    aggregate: Literal["mean", "median", "min"] = Field("mean", description="how a panel's scores combine")
     method: Literal["auto", "logprobs", "json"] = "auto"
     mode: Literal["pointwise", "pairwise"] = Field(
         "pointwise", description="pairwise: LLM criteria promote by candidate-vs-incumbent comparisons in both orders")
@@ -140,6 +147,11 @@ class JudgeSpec(Strict):
     retest_sample: int = Field(8, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
     swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
     trust: TrustSpec = TrustSpec()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _ids(cls, v: object) -> object:
+        return [{"model": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
 
 class TrackingSpec(Strict):
@@ -163,6 +175,10 @@ class Config(Strict):
     tracking: TrackingSpec = TrackingSpec()
     # Set by load_config: where this config came from (for error messages and artifacts).
     source: Path | None = None
+
+    def judge_specs(self) -> list[ModelSpec]:
+        """The judge panel: ``judge.models`` if given, else ``models.judge`` alone."""
+        return list(self.judge.models) if self.judge.models else [self.models.judge]
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
@@ -206,11 +222,14 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
                              "every chunk_overlap must be smaller than every chunk_size")
         if min(_values(params["top_k"])) < 1:
             raise InputError(path, "sut.params.top_k", "expected top_k >= 1")
-    for role in ROLES:
-        spec: ModelSpec = getattr(cfg.models, role)
+    specs = [(f"models.{role}.model", getattr(cfg.models, role)) for role in ROLES]
+    specs += [(f"judge.models.{i}.model", spec) for i, spec in enumerate(cfg.judge.models or [])]
+    for key, spec in specs:
         if spec.model != "local" and "/" not in spec.model:
-            raise InputError(path, f"models.{role}.model",
-                             f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
+            raise InputError(path, key, f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
+    if cfg.judge.models and "judge" in cfg.models.model_fields_set:
+        raise InputError(path, "judge.models", "name the judge once: either models.judge or a judge.models "
+                                               "panel, not both (the panel's first model is the primary judge)")
     return cfg
 
 

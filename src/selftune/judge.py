@@ -103,6 +103,18 @@ def criterion_prompt(c: LLMCriterion, answer: Answer, token: str) -> list[dict[s
 
 
 TIE_MARGIN = 0.05
+AGGREGATES = ("mean", "median", "min")
+
+
+def combine(values: list[float], how: str) -> float:
+    """A panel's scores as one: their mean, median or minimum (the strictest judge)."""
+    if how == "min":
+        return min(values)
+    if how == "median":
+        v = sorted(values)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return sum(values) / len(values)
 PAIR_SCHEMA = {"type": "object", "properties": {
     "rationale": {"type": "string", "minLength": 8, "maxLength": 240},
     "winner": {"type": "string", "enum": ["A", "B", "tie"]}},
@@ -189,46 +201,86 @@ def parse_score(text: str, lo: int, hi: int) -> tuple[int | None, str]:
 
 
 class Judge:
-    """Scores answers against a rubric. ``role`` may be None when the rubric has no LLM criteria."""
+    """Scores answers against a rubric. ``role`` is the judge model, or a panel of them (a list:
+    each scores every LLM criterion; the scores combine by ``aggregate`` and each member's is kept
+    in ``Score.by_judge``); None when the rubric has no LLM criteria. The first member is the
+    primary: it runs the ragas LLM metrics and the pairwise comparisons are averaged over all."""
 
-    def __init__(self, rubric: Rubric, role: Role | None, seed: int = 0, method: str = "auto",
-                 flag_cap: float | None = 0.0, embedder: Any = None):
-        if rubric.needs_judge_model() and role is None:
+    def __init__(self, rubric: Rubric, role: Role | list[Role] | None, seed: int = 0, method: str = "auto",
+                 flag_cap: float | None = 0.0, embedder: Any = None, aggregate: str = "mean"):
+        roles = [] if role is None else list(role) if isinstance(role, (list, tuple)) else [role]
+        if rubric.needs_judge_model() and not roles:
             raise ValueError("the rubric has llm (or ragas LLM) criteria but no judge model was given")
-        self.rubric, self.role, self.flag_cap = rubric, role, flag_cap
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {aggregate!r}")
+        self.rubric, self.roles, self.flag_cap, self.aggregate = rubric, roles, flag_cap, aggregate
+        self.role = roles[0] if roles else None
+        # members' names, unique (they key Score.by_judge): "judge", "judge2", ...
+        self.names = [r.name if [x.name for x in roles].count(r.name) == 1 else f"{r.name}#{i + 1}"
+                      for i, r in enumerate(roles)]
+        self.embedder = embedder
         self.ragas = None
         if rubric.ragas_criteria():
             from .ragas_metrics import RagasScorer
 
-            self.ragas = RagasScorer(role, embedder)
-        self.method = method if method != "auto" else ("logprobs" if role is not None and role.local else "json")
+            self.ragas = RagasScorer(self.role, embedder)
+        self.requested_method = method
+        # auto: G-Eval logprobs on the local model, JSON from a hosted one (per panel member)
+        self.methods = [method if method != "auto" else ("logprobs" if r.local else "json") for r in roles]
+        self.method = self.methods[0] if roles else ("json" if method == "auto" else method)
         self.rng = random.Random(seed)
 
+    def variant(self, rubric: Rubric | None = None, roles: list[Role] | None = None, seed: int = 0) -> Judge:
+        """The same judge with another rubric (e.g. calibration examples added) or other roles
+        (e.g. the response cache bypassed)."""
+        return Judge(rubric or self.rubric, roles if roles is not None else self.roles, seed=seed,
+                     method=self.requested_method, flag_cap=self.flag_cap, embedder=self.embedder,
+                     aggregate=self.aggregate)
+
     def score(self, c: LLMCriterion, answer: Answer) -> Score:
-        """One LLM criterion on one answer (rationale first)."""
-        assert self.role is not None
+        """One LLM criterion on one answer (rationale first), by every judge of the panel."""
+        if not self.roles:
+            raise ValueError("no judge model")
+        flags = attack_flags(answer.text, answer.probe.question)
+        single = [self._score_one(role, method, c, answer) for role, method in zip(self.roles, self.methods)]
+        if len(single) == 1:
+            raw, rationale = single[0]
+            if raw is None:
+                return Score(status="invalid", rationale=rationale, flags=flags)
+            return Score(value=c.scale.normalize(raw), raw=raw, rationale=rationale, flags=flags)
+        by_judge = {name: raw for name, (raw, _) in zip(self.names, single)}
+        rationale = " | ".join(f"[{name}] {r}" for name, (_, r) in zip(self.names, single))[:2000]
+        valid = [raw for raw, _ in single if raw is not None]
+        if not valid:  # every member failed; one valid member is enough (the others are counted)
+            return Score(status="invalid", rationale=rationale, flags=flags, by_judge=by_judge)
+        raw = combine(valid, self.aggregate)
+        return Score(value=c.scale.normalize(raw), raw=raw, rationale=rationale, flags=flags, by_judge=by_judge)
+
+    def _score_one(self, role: Role, method: str, c: LLMCriterion, answer: Answer) -> tuple[float | None, str]:
+        """(raw score on the criterion's scale or None, rationale) from one judge model."""
         token = f"DATA-{self.rng.getrandbits(48):012x}"
         system, user = (m["content"] for m in criterion_prompt(c, answer, token))
         lo, hi = c.scale.min, c.scale.max
-        flags = attack_flags(answer.text, answer.probe.question)
-        raw: float | None
         try:
-            if self.method == "logprobs":
-                raw, rationale = self._by_logprobs(system, user, lo, hi)
-            else:
-                _, text = ask_json(self.role, system, [("user", user)], score_schema(lo, hi))
-                raw, rationale = parse_score(text, lo, hi)
-                rationale = rationale if raw is not None else f"no score in judge output: {text[:200]!r}"
+            if method == "logprobs":
+                return self._by_logprobs(role, system, user, lo, hi)
+            _, text = ask_json(role, system, [("user", user)], score_schema(lo, hi))
+            raw, rationale = parse_score(text, lo, hi)
+            return raw, rationale if raw is not None else f"no score in judge output: {text[:200]!r}"
         except Exception as err:
-            return Score(status="invalid", rationale=f"judge call failed: {type(err).__name__}: {err}"[:300], flags=flags)
-        if raw is None:
-            return Score(status="invalid", rationale=rationale, flags=flags)
-        return Score(value=(raw - lo) / (hi - lo), raw=raw, rationale=rationale, flags=flags)
+            return None, f"judge call failed: {type(err).__name__}: {err}"[:300]
 
-    def _by_logprobs(self, system: str, user: str, lo: int, hi: int) -> tuple[float | None, str]:
+    def score_criterion(self, c: LLMCriterion | RagasCriterion, answer: Answer) -> Score:
+        """Any model-scored criterion (an LLM criterion or a ragas metric) on one answer."""
+        if isinstance(c, LLMCriterion):
+            return self.score(c, answer)
+        assert self.ragas is not None
+        return self.ragas.score(c.metric, dict(c.options), answer)
+
+    @staticmethod
+    def _by_logprobs(role: Role, system: str, user: str, lo: int, hi: int) -> tuple[float | None, str]:
         """Rationale first (one line), then E[level] under the scale tokens' next-token probabilities."""
-        assert self.role is not None
-        lm = self.role.lm
+        lm = role.lm
         prompt = (Message.user(user + "\n\nWrite one sentence of rationale, then the score."),)
         # The rationale is prefilled with its subject so a small model writes a sentence about the
         # answer (left open, SmolLM2 often emits a blank line and nothing else); one line is kept.
@@ -246,29 +298,42 @@ class Judge:
         """Which of two answers to the same probe better meets ``c``: (verdict, P(first wins), rationale).
 
         ``first`` is shown as A. On the local model P(A) is read from the next-token probabilities of
-        ``A`` and ``B`` after ``Better answer:``; a hosted judge replies in JSON. Judging both orders
-        (``compare(c, x, y)`` and ``compare(c, y, x)``) measures position bias."""
-        assert self.role is not None
+        ``A`` and ``B`` after ``Better answer:``; a hosted judge replies in JSON. A panel's P(A) is the
+        mean over the members that gave one. Judging both orders (``compare(c, x, y)`` and
+        ``compare(c, y, x)``) measures position bias."""
+        if not self.roles:
+            raise ValueError("no judge model")
+        results = [self._compare_one(role, method, c, first, second) for role, method in zip(self.roles, self.methods)]
+        ps = [p for p, _ in results if p is not None]
+        rationale = " | ".join(r for _, r in results) if len(results) == 1 else \
+            " | ".join(f"[{name}] {r}" for name, (_, r) in zip(self.names, results))
+        if not ps:
+            return "tie", None, rationale[:1000]
+        p_a = sum(ps) / len(ps)
+        verdict: Verdict = "A" if p_a > 0.5 + TIE_MARGIN else "B" if p_a < 0.5 - TIE_MARGIN else "tie"
+        return verdict, p_a, rationale[:1000]
+
+    def _compare_one(self, role: Role, method: str, c: LLMCriterion, first: Answer,
+                     second: Answer) -> tuple[float | None, str]:
         token = f"DATA-{self.rng.getrandbits(48):012x}"
         system, user = (m["content"] for m in pairwise_prompt(c, first, second, token))
         try:
-            if self.method == "logprobs":
-                lm = self.role.lm
+            if method == "logprobs":
+                lm = role.lm
                 out = lm(Request(model=lm.model, system=system,
                                  messages=(Message.user(user), Message.assistant("Better answer:")),
                                  config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))
                 p_a = choice_probability(out.logprobs, "A", "B")
                 if p_a is None:
-                    return "tie", None, "no A/B probability in the judge's next token"
-                verdict: Verdict = "A" if p_a > 0.5 + TIE_MARGIN else "B" if p_a < 0.5 - TIE_MARGIN else "tie"
-                return verdict, p_a, f"P(A) = {p_a:.2f}"
-            obj, text = ask_json(self.role, system, [("user", user)], PAIR_SCHEMA)
+                    return None, "no A/B probability in the judge's next token"
+                return p_a, f"P(A) = {p_a:.2f}"
+            obj, text = ask_json(role, system, [("user", user)], PAIR_SCHEMA)
             winner = str((obj or {}).get("winner", "")).strip()
             if winner not in ("A", "B", "tie"):
-                return "tie", None, f"no verdict in judge output: {text[:200]!r}"
-            return winner, {"A": 1.0, "B": 0.0, "tie": 0.5}[winner], str((obj or {}).get("rationale", ""))[:1000]  # type: ignore[return-value]
+                return None, f"no verdict in judge output: {text[:200]!r}"
+            return {"A": 1.0, "B": 0.0, "tie": 0.5}[winner], str((obj or {}).get("rationale", ""))[:1000]
         except Exception as err:
-            return "tie", None, f"judge call failed: {type(err).__name__}: {err}"[:300]
+            return None, f"judge call failed: {type(err).__name__}: {err}"[:300]
 
     def judge(self, answer: Answer) -> Judgment:
         if answer.error is not None:
@@ -276,11 +341,8 @@ class Judge:
             return Judgment(answer=answer, scores=scores, overall=None)
         scores: dict[str, Score] = {}
         for c in self.rubric.criteria:
-            if isinstance(c, LLMCriterion):
-                scores[c.name] = self.score(c, answer)
-            elif isinstance(c, RagasCriterion):
-                assert self.ragas is not None
-                scores[c.name] = self.ragas.score(c.metric, dict(c.options), answer)
+            if isinstance(c, (LLMCriterion, RagasCriterion)):
+                scores[c.name] = self.score_criterion(c, answer)
             else:
                 scores[c.name] = run_check(c.check, answer)
         rule_scores = [(r, run_check(r.check, answer)) for r in self.rubric.must_not]

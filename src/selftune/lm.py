@@ -264,10 +264,11 @@ class Role:
 
 def check_credentials(cfg: Config) -> None:
     """Fail before any work if a hosted role's key variable is named but unset (names the variable)."""
-    for role in ROLES:
-        spec: ModelSpec = getattr(cfg.models, role)
+    specs = [(f"models.{role}", getattr(cfg.models, role)) for role in ROLES]
+    specs += [(f"judge.models.{i}", spec) for i, spec in enumerate(cfg.judge.models or [])]
+    for key, spec in specs:
         if spec.model != "local" and spec.api_key_env and not os.environ.get(spec.api_key_env):
-            raise InputError(cfg.source or "config", f"models.{role}.api_key_env",
+            raise InputError(cfg.source or "config", f"{key}.api_key_env",
                              f"environment variable {spec.api_key_env} is not set (needed for {spec.model})")
 
 
@@ -298,6 +299,19 @@ class Models:
             spec: ModelSpec = getattr(self.cfg.models, name)
             self._roles[name] = build_role(name, spec, (lambda: self.engine(name)) if spec.model == "local" else None)
         return self._roles[name]
+
+    def judges(self) -> list[Role]:
+        """The judge panel (``judge.models``), or ``models.judge`` alone; each local member gets its
+        own context. The first is the primary judge (pairwise swaps, ragas metrics)."""
+        if not self.cfg.judge.models:
+            return [self.role("judge")]
+        out = []
+        for i, spec in enumerate(self.cfg.judge.models):
+            name = "judge" if i == 0 else f"judge{i + 1}"
+            if name not in self._roles:
+                self._roles[name] = build_role(name, spec, (lambda n=name: self.engine(n)) if spec.model == "local" else None)
+            out.append(self._roles[name])
+        return out
 
 
 def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:

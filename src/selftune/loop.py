@@ -66,9 +66,9 @@ class Session:
         self.models = models or Models(cfg)
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
-        judge_role = self.models.role("judge") if self.rubric.needs_judge_model() else None
-        self.judge = Judge(self.rubric, judge_role, seed=cfg.seed, method=cfg.judge.method,
-                           flag_cap=cfg.judge.flag_cap, embedder=self.embedder)
+        judges = self.models.judges() if self.rubric.needs_judge_model() else None
+        self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
+                           flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
 
     def close(self) -> None:
         if isinstance(self.models, Models):
@@ -129,7 +129,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress),
                      val=session.evaluate(params, probes, "val", progress),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
-        monitor.observe_lengths([base.train, base.val])
+        monitor.observe([base.train, base.val])
         monitor.retest([base.train, base.val])
         trusted, why = monitor.verdict()
         _say_trust(trusted, why)
@@ -142,7 +142,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             train = session.evaluate(cand, probes, "train", progress)
             val = session.evaluate(cand, probes, "val", progress)
             compared = monitor.compare(val, incumbent.val, None if pairwise else cfg.judge.swap_sample)
-            monitor.observe_lengths([train, val])
+            monitor.observe([train, val])
             was_trusted = trusted
             trusted, why = monitor.verdict()
             if trusted != was_trusted:

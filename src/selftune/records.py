@@ -74,6 +74,7 @@ class Score(Frozen):
     rationale: str = ""
     status: Literal["ok", "invalid", "n/a"] = "ok"
     flags: tuple[str, ...] = ()
+    by_judge: dict[str, float | None] = Field(default_factory=dict)  # a panel's raw scores (None: invalid)
 
 
 class Judgment(Frozen):

@@ -4,6 +4,7 @@
   and the within-item standard deviation of the score;
 - position consistency: pairwise verdicts judged in both orders; how often the winner survives the swap;
 - length bias: the correlation of score with answer length;
+- panel agreement: two judges on the same items; how often they agree on pass/fail;
 - agreement with human labels (or another judge): Cohen's kappa (linear/quadratic weights for ordinal
   scales), Spearman's rho, a percentile bootstrap interval for either, and the confusion table.
 """
@@ -113,6 +114,23 @@ def retest_stats(first: Sequence[float], second: Sequence[float], threshold: flo
     sq = sum((a - b) ** 2 for a, b in zip(first, second)) / n
     return {"n": float(n), "flip_rate": flips / n, "score_sd": math.sqrt(sq / 2),
             "mean_abs_diff": sum(abs(a - b) for a, b in zip(first, second)) / n}
+
+
+def panel_agreement(pairs: Sequence[tuple[float, float]], threshold: float = 0.5) -> dict[str, float]:
+    """Two judges on the same items (normalized scores, one pair per item and pair of judges).
+    ``rate``: share of pairs with the same pass/fail verdict (score >= threshold), the figure the
+    trust bar's ``min_agreement`` reads; ``disagreement_rate`` = 1 - rate; ``mean_abs_diff``; and
+    ``spearman`` (rank agreement) when defined."""
+    n = len(pairs)
+    if n == 0:
+        return {"n": 0.0}
+    same = sum((a >= threshold) == (b >= threshold) for a, b in pairs)
+    out = {"n": float(n), "rate": same / n, "disagreement_rate": 1 - same / n,
+           "mean_abs_diff": sum(abs(a - b) for a, b in pairs) / n}
+    rho = spearman([a for a, _ in pairs], [b for _, b in pairs])
+    if rho is not None:
+        out["spearman"] = rho
+    return out
 
 
 def swap_consistency(ab: Sequence[Verdict], ba: Sequence[Verdict]) -> float | None:

@@ -109,6 +109,10 @@ class Scale(Strict):
             raise ValueError(f"anchor levels must lie in [{self.min}, {self.max}], but got {bad}")
         return self
 
+    def normalize(self, raw: float) -> float:
+        """A score on this scale mapped to [0, 1]."""
+        return (raw - self.min) / (self.max - self.min)
+
 
 class Example(Strict):
     answer: str

@@ -40,6 +40,8 @@ def judgments_frame(ev: Evaluation) -> pd.DataFrame:
             row[f"{name}/status"] = s.status
             row[f"{name}/rationale"] = s.rationale
             row[f"{name}/flags"] = ",".join(s.flags)
+            for member, raw in s.by_judge.items():  # a judge panel: each member's raw score
+                row[f"{name}/{member}"] = raw
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -80,6 +82,9 @@ class MlflowTracker:
         params = {"seed": cfg.seed, "corpus": str(cfg.corpus.path), "embedder": cfg.embedder,
                   "rounds": cfg.optimizer.rounds, "probes_hash": P.digest(probes), "rubric": rubric.name,
                   **{f"model.{r}": getattr(cfg.models, r).model for r in ("generator", "sut", "judge", "optimizer")}}
+        if cfg.judge.models:  # a panel replaces models.judge
+            params["model.judge"] = ", ".join(s.model for s in cfg.judge.models)
+            params["judge.aggregate"] = cfg.judge.aggregate
         self.client.log_batch(pid, params=[Param(k, str(v)[:PARAM_MAX]) for k, v in params.items()])
         if cfg.source:
             self.client.log_artifact(pid, str(cfg.source), "config")
@@ -142,7 +147,7 @@ class MlflowTracker:
                   Metric("incumbent/val_overall", self.incumbent_val, now, rnd.index),
                   Metric("candidate/val_valid_rate", rnd.val.valid_rate(), now, rnd.index),
                   Metric("judge/trusted", float(rnd.trusted), now, rnd.index)]
-        for k in ("retest/flip_rate", "swap/consistency", "swap/round_consistency"):
+        for k in ("retest/flip_rate", "swap/consistency", "swap/round_consistency", "agreement/rate"):
             if k in rnd.judge_stats:
                 parent.append(Metric(f"judge/{k}", float(rnd.judge_stats[k]), now, rnd.index))
         self.client.log_batch(self.parent_id, metrics=parent)
@@ -223,7 +228,8 @@ def report(result: Any) -> str:
     st = result.stats
     rel = [f"{label} {st[key]:.2f}" for key, label in (
         ("judge/retest/flip_rate", "test-retest flip rate"), ("judge/retest/score_sd", "score SD"),
-        ("judge/swap/consistency", "swap consistency")) if key in st]
+        ("judge/swap/consistency", "swap consistency"), ("judge/agreement/rate", "judge panel agreement"))
+        if key in st]
     rel += [f"{k.split('/')[-1]} length corr {v:+.2f}" for k, v in st.items() if k.startswith("judge/length_corr/")]
     if rel:
         lines.append("- judge reliability: " + ", ".join(rel))

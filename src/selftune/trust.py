@@ -1,11 +1,14 @@
 """Measuring the judge during a tune, and the trust bar that decides whether its scores may steer.
 
-- after the baseline: test-retest on a sample of items, re-judged with the response cache bypassed and
-  fresh fence tokens (flip rate, score SD);
+- after the baseline: test-retest on a sample of items (every model-scored criterion), re-judged
+  with the response cache bypassed and fresh fence tokens (flip rate, score SD);
 - after every round: position consistency on a sample of validation probes, candidate vs incumbent
   judged in both orders (pairwise); with ``judge.mode: pairwise`` the same comparisons, over every
   validation probe, are the promotion signal for the LLM criteria;
-- length bias: per LLM criterion, the correlation of score with answer length over everything judged.
+- length bias: per model-scored criterion (LLM criteria and ragas's LLM metrics), the correlation of
+  score with answer length over everything judged;
+- with a judge panel (``judge.models``): how often its members agree on pass/fail, per LLM criterion
+  and pooled (``agreement/rate``; ``disagreement_rate`` is its complement).
 
 Below the bar (``judge.trust``) the tune says so, promotes on deterministic criteria only, and the
 report states it.
@@ -22,7 +25,7 @@ from .config import JudgeSpec
 from .judge import Judge
 from .lm import Role
 from .records import Evaluation, Judgment
-from .reliability import length_correlation, retest_stats, swap_consistency
+from .reliability import length_correlation, panel_agreement, retest_stats, swap_consistency
 from .rubric import CheckCriterion, LLMCriterion, RagasCriterion, Rubric
 
 log = logging.getLogger(__name__)
@@ -37,30 +40,38 @@ class Monitor:
     stats: dict[str, float] = field(default_factory=dict)
     _swaps: list[tuple[str, str]] = field(default_factory=list)
     _lengths: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    _panel: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def llm(self) -> list[LLMCriterion]:
         return self.rubric.llm_criteria()
 
+    @property
+    def model_scored(self) -> list[LLMCriterion | RagasCriterion]:
+        """Every criterion a model scores: the LLM criteria and ragas's LLM metrics."""
+        from .ragas_metrics import LLM_METRICS
+
+        return [c for c in self.rubric.criteria if isinstance(c, LLMCriterion)
+                or (isinstance(c, RagasCriterion) and c.metric in LLM_METRICS)]
+
     def retest(self, evals: list[Evaluation]) -> dict[str, float]:
         """Re-judge up to ``retest_sample`` items (cache bypassed, new fences); flip rate and score SD
-        pooled over the LLM criteria, and per criterion."""
-        if not self.llm or self.spec.retest_sample == 0 or self.judge.role is None:
+        pooled over the model-scored criteria, and per criterion."""
+        if not self.model_scored or self.spec.retest_sample == 0 or not self.judge.roles:
             return {}
         items = [j for ev in evals for j in ev.judgments if j.answer.error is None]
         rng = random.Random(self.seed)
         sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
-        role = self.judge.role
-        again = Judge(self.rubric, Role(role.name, role.lm.copy(cache=False), role.adapter, role.local),
-                      seed=self.seed + 7919, method=self.judge.method, flag_cap=self.judge.flag_cap)
+        again = self.judge.variant(roles=[Role(r.name, r.lm.copy(cache=False), r.adapter, r.local)
+                                          for r in self.judge.roles], seed=self.seed + 7919)
         first_all: list[float] = []
         second_all: list[float] = []
         out: dict[str, float] = {}
-        for c in self.llm:
+        for c in self.model_scored:
             first, second = [], []
             for j in sample:
                 s1 = j.scores[c.name]
-                s2 = again.score(c, j.answer)
+                s2 = again.score_criterion(c, j.answer)
                 if s1.status == "ok" and s2.status == "ok":
                     first.append(s1.value or 0.0)
                     second.append(s2.value or 0.0)
@@ -77,7 +88,7 @@ class Monitor:
         """Candidate vs incumbent on shared validation probes, per LLM criterion, in both orders.
         Returns this round's swap consistency and, per probe, the candidate's order-averaged win
         probability per criterion (the pairwise promotion signal)."""
-        if not self.llm or self.judge.role is None:
+        if not self.llm or not self.judge.roles:
             return {}
         inc = {j.answer.probe.id: j for j in incumbent.judgments if j.answer.error is None}
         pairs = [(j, inc[j.answer.probe.id]) for j in candidate.judgments
@@ -104,21 +115,35 @@ class Monitor:
             self.stats["swap/n"] = float(len(self._swaps))
         return {"consistency": round_consistency, "n": len(swaps), "prefs": prefs}
 
-    def observe_lengths(self, evals: list[Evaluation]) -> None:
+    def observe(self, evals: list[Evaluation]) -> None:
+        """Over everything judged so far: each model-scored criterion's length correlation and,
+        with a panel, how far its judges agree."""
         for ev in evals:
             for j in ev.judgments:
-                for c in self.llm:
+                for c in self.model_scored:
                     s = j.scores.get(c.name)
                     if s is not None and s.status == "ok":
                         self._lengths.setdefault(c.name, []).append((s.value or 0.0, len(j.answer.text.split())))
+                    if s is not None and len(s.by_judge) > 1 and isinstance(c, LLMCriterion):
+                        raws = [v for v in s.by_judge.values() if v is not None]
+                        if len(raws) > 1:  # every pair of members that both scored
+                            self._panel.setdefault(c.name, []).extend(
+                                (c.scale.normalize(a), c.scale.normalize(b))
+                                for k, a in enumerate(raws) for b in raws[k + 1:])
         for name, pts in self._lengths.items():
             r = length_correlation([v for v, _ in pts], [n for _, n in pts])
             if r is not None:
                 self.stats[f"length_corr/{name}"] = r
+        pooled: list[tuple[float, float]] = []
+        for name, pairs in self._panel.items():
+            self.stats.update({f"agreement/{name}/{k}": v for k, v in panel_agreement(pairs).items()})
+            pooled += pairs
+        if pooled:
+            self.stats.update({f"agreement/{k}": v for k, v in panel_agreement(pooled).items()})
 
     def verdict(self) -> tuple[bool, list[str]]:
         """(trusted, reasons it is not). A figure not measured yet does not count against the judge."""
-        if not self.llm:
+        if not self.model_scored:
             return True, []
         t = self.spec.trust
         why = []
@@ -128,6 +153,9 @@ class Monitor:
         bad, good = self.stats.get("swap/invalid", 0.0), self.stats.get("swap/n", 0.0)
         if bad > good:
             why.append(f"{int(bad)} of {int(bad + good)} pairwise comparisons failed")
+        agree = self.stats.get("agreement/rate")
+        if agree is not None and t.min_agreement is not None and agree < t.min_agreement:
+            why.append(f"judges agree on {agree:.2f} of items < {t.min_agreement}")
         swap = self.stats.get("swap/consistency")
         if swap is not None and swap < t.min_swap_consistency:
             why.append(f"swap consistency {swap:.2f} < {t.min_swap_consistency}")
