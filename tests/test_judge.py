@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT, fake_role
 from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation, attack_flags
 from selftune.records import Answer, Chunk, Probe
-from selftune.rubric import load_rubric
+from selftune.rubric import Rubric, load_rubric
 
 RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
 PROBE = Probe(id="p", question="What does pass do?", reference="The pass statement is a null operation.",
@@ -159,3 +159,67 @@ def test_judge_panel_pairwise_averages_the_members():
     assert verdict == "tie" and p == 0.5
     verdict, p, _ = Judge(RUBRIC, [fake_role(says("B")), fake_role(lambda m: "??")]).compare(c, a, b)
     assert verdict == "B" and p == 0.0  # the member with no verdict does not count
+
+
+GROUPED = Rubric.model_validate({"criteria": [
+    {"name": "grounded", "kind": "llm", "description": "Only what the context says.", "group": "content"},
+    {"name": "concise", "kind": "check", "check": {"type": "word_bounds", "max": 60}},
+    {"name": "cites", "kind": "llm", "description": "Names its source.", "group": "content",
+     "scale": {"min": 0, "max": 1, "anchors": {0: "no source", 1: "names one"}}},
+    {"name": "polite", "kind": "llm", "description": "Polite."},
+]})
+
+
+def test_llm_groups_keep_rubric_order_and_singletons():
+    assert [[c.name for c in g] for g in GROUPED.llm_groups()] == [["grounded", "cites"], ["polite"]]
+
+
+def test_a_group_is_one_structured_output_per_item():
+    def script(m):
+        if "on 2 criteria" in m[0]["content"]:
+            return json.dumps({"grounded": {"rationale": "from the context", "score": 4},
+                               "cites": {"rationale": "no source named", "score": 0}})
+        return json.dumps({"rationale": "polite enough", "score": 5})
+    role = fake_role(script, local=True)
+    j = Judge(GROUPED, role, seed=0, method="json").judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert list(j.scores) == ["grounded", "concise", "cites", "polite"]  # rubric order
+    assert j.scores["grounded"].raw == 4 and j.scores["grounded"].rationale == "from the context"
+    assert j.scores["cites"].raw == 0 and j.scores["cites"].value == 0.0 and j.scores["polite"].raw == 5
+    assert len(role.engine.calls) == 2  # one call for the group, one for the criterion alone
+    from selftune.lm import _schema_of
+    schema = _schema_of(role.engine.calls[0]["response_format"])
+    assert list(schema["properties"]) == ["grounded", "cites"]
+    assert list(schema["properties"]["cites"]["properties"]) == ["rationale", "score"]  # rationale first
+    assert schema["properties"]["cites"]["properties"]["score"]["enum"] == [0, 1]
+    system = role.engine.calls[0]["messages"][0]["content"]
+    assert "Criterion 'grounded'" in system and "Criterion 'cites'" in system and "0: no source" in system
+
+
+def test_a_group_reply_missing_a_criterion_leaves_only_that_one_invalid():
+    role = fake_role(lambda m: json.dumps({"grounded": {"rationale": "ok", "score": 2}}) if "on 2" in m[0]["content"]
+                     else json.dumps({"rationale": "ok", "score": 3}))
+    j = Judge(GROUPED, role, seed=0).judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert j.scores["grounded"].raw == 2 and j.scores["cites"].status == "invalid" and j.overall is None
+    assert "no cites score" in j.scores["cites"].rationale
+
+
+def test_a_group_by_logprobs_is_one_turn_written_criterion_by_criterion():
+    def script(m):
+        turn = m[-1]["content"]
+        if "on 2 criteria" not in m[0]["content"]:
+            return " is polite" if turn.endswith("The answer") else "5:1.0"
+        if turn.endswith("Criterion grounded:\nRationale: The answer"):
+            return " follows the context"
+        if turn.endswith("Score (1-5): "):
+            return "4:0.75 2:0.25"
+        if turn.endswith("Criterion cites:\nRationale: The answer"):
+            # the second criterion continues the same turn, after the first one's rounded level
+            assert "Rationale: The answer follows the context\nScore (1-5): 4\n\nCriterion cites:" in turn
+            return " names no source"
+        assert turn.endswith("Score (0-1): ")
+        return "0:0.9 1:0.1"
+    role = fake_role(script, local=True)
+    j = Judge(GROUPED, role, seed=0).judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert j.scores["grounded"].raw == pytest.approx(3.5) and j.scores["grounded"].rationale == "The answer follows the context"
+    assert j.scores["cites"].raw == pytest.approx(0.1) and j.scores["polite"].raw == 5
+    assert len(role.engine.calls) == 6  # (rationale, score) x 2 for the group, x 1 for polite

@@ -25,6 +25,8 @@ def test_shipped_rubric_validates():
     ("criteria: [{kind: llm, name: a, description: x, scale: {min: 1, max: 5, anchors: {1: a, 7: b}}}]", "criteria[0].scale"),
     ("criteria: [{kind: llm, name: A b, description: x}]", "criteria[0].name"),
     ("criteria: [{kind: check, name: a, wieght: 2, check: {type: retrieval_hit}}]", "criteria[0].wieght"),
+    ("criteria: [{kind: llm, name: a, description: x, group: Two words}]", "criteria[0].group"),
+    ("criteria: [{kind: check, name: a, group: g, check: {type: retrieval_hit}}]", "criteria[0].group"),
 ])
 def test_invalid_rubric_names_key(tmp_path, text, key):
     p = write(tmp_path, text)

@@ -127,6 +127,8 @@ class LLMCriterion(Strict):
     weight: float = Field(1.0, gt=0)
     scale: Scale = Scale(anchors={1: "fails the criterion", 3: "partly meets it", 5: "fully meets it"})
     examples: list[Example] = []
+    group: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$",
+                              description="LLM criteria of one group are scored in one structured output per item")
 
 
 class _Scored(Strict):
@@ -182,6 +184,14 @@ class Rubric(Strict):
 
     def llm_criteria(self) -> list[LLMCriterion]:
         return [c for c in self.criteria if isinstance(c, LLMCriterion)]
+
+    def llm_groups(self) -> list[list[LLMCriterion]]:
+        """The LLM criteria as scored: those sharing a ``group`` together (in rubric order), each
+        other one alone."""
+        groups: dict[str, list[LLMCriterion]] = {}
+        for c in self.llm_criteria():
+            groups.setdefault(c.group or f"\0{c.name}", []).append(c)
+        return list(groups.values())
 
     def ragas_criteria(self) -> list[RagasCriterion]:
         return [c for c in self.criteria if isinstance(c, RagasCriterion)]

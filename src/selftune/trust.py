@@ -67,11 +67,12 @@ class Monitor:
         first_all: list[float] = []
         second_all: list[float] = []
         out: dict[str, float] = {}
+        redone = [again.judge(j.answer) for j in sample]  # a criterion group is re-scored as it was scored
         for c in self.model_scored:
             first, second = [], []
-            for j in sample:
+            for j, r in zip(sample, redone):
                 s1 = j.scores[c.name]
-                s2 = again.score_criterion(c, j.answer)
+                s2 = r.scores[c.name]
                 if s1.status == "ok" and s2.status == "ok":
                     first.append(s1.value or 0.0)
                     second.append(s2.value or 0.0)
