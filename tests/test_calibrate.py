@@ -170,3 +170,35 @@ def test_calibrate_a_judge_panel_reports_each_member_and_their_agreement(tmp_pat
     assert "judge ones alone" in r.output and "judges against each other" in r.output
     js = judge_all(Judge(RUBRIC, [scripted(), ones]), rows(), no_progress)
     assert [j.scores["grounded"].raw for j in member_judgments(RUBRIC, js, "ones")] == [1] * 6
+
+
+@pytest.mark.e2e
+def test_calibrate_with_a_panel_of_embedded_judges(tmp_path, monkeypatch):
+    """Two embedded judges as a panel (from a config): each member is scored against 6 shipped labels
+    and the members against each other; every item gets a valid score from both."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join((ROOT / "datasets/labels/pyref-labels.jsonl").read_text().splitlines()[:6]) + "\n")
+    (tmp_path / "docs").mkdir()
+    config = tmp_path / "panel.yaml"
+    config.write_text(f"""
+corpus: {{path: docs}}
+rubric: {ROOT / 'configs/rubrics/taste.yaml'}
+workdir: work
+sut: {{params: {{instructions: {{type: text, initial: x}}, top_k: {{type: int, low: 1, high: 2, initial: 1}},
+       chunk_size: {{type: choice, choices: [300], initial: 300}}, chunk_overlap: {{type: choice, choices: [0], initial: 0}}}}}}
+judge:
+  models: [{{model: local, max_tokens: 40}}, {{model: local, max_tokens: 24}}]
+  aggregate: min
+""")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "agreement.json"
+    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"),
+                                     "--labels", str(labels), "--config", str(config), "--out", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res["members"]) == {"judge", "judge2"}
+    for member in res["members"].values():
+        assert member["grounded"]["n"] == 6 and member["grounded"]["invalid"] == 0
+    assert res["panel_agreement"]["grounded/n"] == 6 and 0.0 <= res["panel_agreement"]["grounded/rate"] <= 1.0
+    assert (tmp_path / "work" / "mlflow.db").is_file()

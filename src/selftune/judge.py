@@ -20,6 +20,7 @@ A reply with no usable score is recorded ``invalid`` (counted, never 0).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from .lm import Role, ask_json
 from .records import Answer, Judgment, Score
 from .rubric import LLMCriterion, RagasCriterion, Rubric
 
+log = logging.getLogger(__name__)
 _SCORE = re.compile(r"score\"?\s*[:=]\s*\**\s*(\d+)", re.I)
 _RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
 # Patterns that look like an answer talking to its grader rather than to the user.
@@ -248,6 +250,11 @@ class Judge:
         # auto: G-Eval logprobs on the local model, JSON from a hosted one (per panel member)
         self.methods = [method if method != "auto" else ("logprobs" if r.local else "json") for r in roles]
         self.method = self.methods[0] if roles else ("json" if method == "auto" else method)
+        for r, m in zip(roles, self.methods):
+            if m == "logprobs" and not r.local:
+                log.warning("judge.method logprobs on hosted model %s: it needs a provider that continues an "
+                            "assistant prefill and returns top-20 logprobs (e.g. vLLM); items it cannot score "
+                            "are recorded invalid (see the valid-score rate)", r.lm.model)
         self.rng = random.Random(seed)
 
     def variant(self, rubric: Rubric | None = None, roles: list[Role] | None = None, seed: int = 0) -> Judge:
