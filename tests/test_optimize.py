@@ -66,3 +66,22 @@ def test_optimizer_contract_never_takes_probes():
     # The test split cannot reach the optimizer by construction: it is given rounds (train/val only).
     params = inspect.signature(Optimizer.propose).parameters
     assert list(params) == ["self", "history"]
+
+
+def test_steer_makes_the_optimizer_chase_only_the_trusted_criteria():
+    seen = []
+    role = fake_role(lambda m: (seen.append(m[-1]["content"]), "Answer in one short sentence quoting the context.")[1])
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0)
+    history = [rnd(0, BASE, 0.4)]
+    params, _ = opt.propose(history)
+    history.append(rnd(1, params, 0.6))
+    assert "concise: too long" in seen[-1]
+    # the judge fell below the bar: climb "correct" alone, and show the rewriter only its reasons
+    opt.steer(lambda j: j.scores["correct"].value * 0.5, {"correct"})
+    params, _ = opt.propose(history)
+    assert "too long" not in seen[-1] and "q0?" in seen[-1]
+    # the sampler's history was re-scored on the new signal: 0.4 -> 0.2 and 0.6 -> 0.3
+    assert sorted(t.value for t in opt.study.trials if t.value is not None) == pytest.approx([0.2, 0.3])
+    assert opt.value(history[1].val) == pytest.approx(0.3)
+    opt.steer(None, None)  # back within the bar: every criterion again
+    assert opt.value(history[1].val) == pytest.approx(0.6)

@@ -58,9 +58,11 @@ def test_fickle_judge_falls_below_the_bar_and_only_checks_promote(tmp_path, corp
         assert not r.trusted and "deterministic criteria only" in r.gate.reason
         assert "grounded" not in r.gate.criterion_deltas  # the LLM criterion did not count
     assert "BELOW THE TRUST BAR" in report(result)
+    assert "on the deterministic criteria alone: validation" in report(result)
     client = MlflowClient(cfg.tracking_uri())
     parent = client.get_run(tracker.parent_id)
     assert parent.data.metrics["judge/trusted"] == 0.0 and "selftune.judge_untrusted" in parent.data.tags
+    assert 0.0 <= parent.data.metrics["checks/test_best"] <= 1.0 and "checks/val_baseline" in parent.data.metrics
     assert [m.value for m in client.get_metric_history(tracker.parent_id, "judge/trusted")] == [0.0, 0.0, 0.0]
 
 
@@ -184,3 +186,20 @@ def test_ragas_llm_metrics_are_retested_and_length_checked():
     monitor.observe([evs])
     assert "length_corr/faithful" not in monitor.stats  # every score is 1.0: no correlation defined
     assert not monitor.verdict()[0]
+
+
+def test_below_the_bar_the_optimizer_is_shown_only_deterministic_failures(tmp_path, corpus_dir):
+    scores = itertools.cycle([5, 1])
+
+    def fickle(m):
+        if "compare two answers" in m[0]["content"]:
+            return json.dumps({"rationale": "x", "winner": "tie"})
+        return json.dumps({"rationale": "whim", "score": next(scores)})
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    models = FakeModels()
+    models.roles["judge"] = fake_role(fickle)
+    result = tune(Session(cfg, models=models), 2, MlflowTracker(cfg), no_progress)
+    assert result.stats["judge/trusted"] == 0.0
+    prompts = [c["messages"][-1]["content"] for c in models.roles["optimizer"].engine.calls]
+    assert prompts and not any("grounded: whim" in p for p in prompts)

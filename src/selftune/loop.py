@@ -133,6 +133,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         monitor.retest([base.train, base.val])
         trusted, why = monitor.verdict()
         _say_trust(trusted, why)
+        _steer(optimizer, session, trusted)
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
         observer.round(base)
@@ -147,6 +148,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             trusted, why = monitor.verdict()
             if trusted != was_trusted:
                 _say_trust(trusted, why)
+                _steer(optimizer, session, trusted)
             gate = _decide(session, val, incumbent.val, criteria, trusted, why, compared if pairwise else None, cfg.seed + i)
             stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
                                              if compared.get("consistency") is not None else {})}
@@ -163,6 +165,18 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         stats["texts_embedded"] = session.embedder.encoded
         stats.update({f"judge/{k}": v for k, v in monitor.stats.items()})
         stats["judge/trusted"] = float(trusted)
+        if monitor.model_scored and deterministic_names(rubric):
+            # the same gains on the checks alone: the signal promotion used when the judge was untrusted
+            cap = session.judge.flag_cap
+
+            def det(ev: Evaluation) -> float | None:
+                vals = [v for j in ev.judgments if (v := deterministic_overall(rubric, j, cap)) is not None]
+                return sum(vals) / len(vals) if vals else None
+
+            for key, ev in (("val_baseline", base.val), ("val_best", best.val),
+                            ("test_baseline", test_base), ("test_best", test_best)):
+                if (v := det(ev)) is not None:
+                    stats[f"checks/{key}"] = v
         if not trusted:
             stats["judge/untrusted_because"] = "; ".join(why)
         result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
@@ -178,6 +192,15 @@ def _say_trust(trusted: bool, why: list[str]) -> None:
         log.info("judge within the trust bar")
     else:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", "; ".join(why))
+
+
+def _steer(optimizer: Optimizer, session: Session, trusted: bool) -> None:
+    """The optimizer chases what the gate promotes on: below the trust bar, the checks only."""
+    if trusted:
+        optimizer.steer(None, None)
+    else:
+        rubric, cap = session.rubric, session.judge.flag_cap
+        optimizer.steer(lambda j: deterministic_overall(rubric, j, cap), deterministic_names(rubric))
 
 
 def _decide(session: Session, val: Evaluation, inc_val: Evaluation, criteria: list[str], trusted: bool,

@@ -5,12 +5,14 @@ round. Text params (``instructions``) are rewritten by the optimizer model from 
 lowest-scored *train* items and their rationales (reflective, GEPA-style). A rewrite that is empty,
 too long or smuggles fence/markup text is rejected; the fallback appends the user's own description
 of the weakest criterion. The optimizer is handed only train and validation rounds: the test split
-never exists in what it sees.
+never exists in what it sees. When the judge falls below the trust bar, ``steer`` points it at the
+deterministic criteria only, like the gate.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -18,7 +20,7 @@ import optuna
 
 from .config import ChoiceParam, IntParam, OptimizerSpec, ParamSpec, TextParam
 from .lm import Role
-from .records import Judgment, Params, Round
+from .records import Evaluation, Judgment, Params, Round
 from .rubric import Rubric
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,20 @@ def distributions(space: dict[str, ParamSpec]) -> dict[str, Any]:
     return out
 
 
-def describe_failures(judgments: list[Judgment], k: int) -> str:
-    worst = sorted((j for j in judgments if j.overall is not None), key=lambda j: j.overall or 0.0)[:k]
+ItemScore = Callable[[Judgment], "float | None"]
+
+
+def describe_failures(judgments: list[Judgment], k: int, item_score: ItemScore | None = None,
+                      criteria: set[str] | None = None) -> str:
+    """The ``k`` lowest-scored items (by ``item_score``, default the overall) with the reasons of the
+    criteria they fail (only those in ``criteria``, if given)."""
+    item_score = item_score or (lambda j: j.overall)
+    scored = [(v, j) for j in judgments if (v := item_score(j)) is not None]
+    worst = [j for _, j in sorted(scored, key=lambda vj: vj[0])[:k]]
     lines = []
     for j in worst:
-        why = "; ".join(f"{n}: {s.rationale}" for n, s in j.scores.items() if s.status == "ok" and (s.value or 0) < 0.5)
+        why = "; ".join(f"{n}: {s.rationale}" for n, s in j.scores.items()
+                        if s.status == "ok" and (s.value or 0) < 0.5 and (criteria is None or n in criteria))
         lines.append(f"Q: {j.answer.probe.question}\nA: {j.answer.text[:300]}\nWhy bad: {why[:400]}")
     return "\n\n".join(lines)
 
@@ -69,19 +80,42 @@ class Optimizer:
     def __init__(self, space: dict[str, ParamSpec], rubric: Rubric, role: Role, spec: OptimizerSpec, seed: int):
         self.space, self.rubric, self.role, self.spec = space, rubric, role, spec
         self.dists = distributions(space)
-        sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=3, multivariate=True)
-                   if spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
+        self.seed = seed
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._next = 1
+        # What the optimizer climbs: every criterion, until steer() restricts it to the trusted ones.
+        self.item_score: ItemScore | None = None
+        self.criteria: set[str] | None = None
+        self._new_study()
+
+    def _new_study(self) -> None:
+        sampler = (optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=3, multivariate=True)
+                   if self.spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=self.seed))
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
         self._pending: dict[int, optuna.trial.Trial] = {}
         self._told: set[int] = set()
-        self._next = 1
+
+    def steer(self, item_score: ItemScore | None, criteria: set[str] | None) -> None:
+        """Climb ``item_score`` (per item; None: the overall) and show the rewriter only the reasons
+        of ``criteria`` (None: all). Called when the judge falls below (or back within) the trust bar,
+        so the optimizer chases the same signal the gate promotes on; the sampler's history is
+        re-scored on the new signal."""
+        if criteria == self.criteria:
+            return
+        self.item_score, self.criteria = item_score, criteria
+        self._new_study()
+
+    def value(self, ev: Evaluation) -> float | None:
+        if self.item_score is None:
+            return ev.overall()
+        vals = [v for j in ev.judgments if (v := self.item_score(j)) is not None]
+        return sum(vals) / len(vals) if vals else None
 
     def _tell(self, history: list[Round]) -> None:
         for r in history:
             if r.index in self._told:
                 continue
-            value = r.val.overall()
+            value = self.value(r.val)
             if r.index in self._pending:
                 trial = self._pending.pop(r.index)
                 if value is None:
@@ -111,7 +145,7 @@ class Optimizer:
         return params, tuple(notes)
 
     def _rewrite(self, current: str, incumbent: Round, spec: TextParam) -> tuple[str, str]:
-        failures = describe_failures(list(incumbent.train.judgments), self.spec.worst_k)
+        failures = describe_failures(list(incumbent.train.judgments), self.spec.worst_k, self.item_score, self.criteria)
         try:
             with self.role.context():
                 text = str(dspy.Predict(ImproveInstructions)(current_instructions=current, failures=failures).new_instructions)
@@ -127,7 +161,8 @@ class Optimizer:
         return current, f"rewrite rejected ({reason}); kept"
 
     def _weakest_hint(self, incumbent: Round) -> str | None:
-        means = [(incumbent.train.criterion_mean(c.name), c) for c in self.rubric.criteria if c.description]
+        means = [(incumbent.train.criterion_mean(c.name), c) for c in self.rubric.criteria
+                 if c.description and (self.criteria is None or c.name in self.criteria)]
         means = [(m, c) for m, c in means if m is not None]
         if not means:
             return None

@@ -174,7 +174,7 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        m.update({(k if k.startswith("judge/") else f"stats/{k}"): float(v) for k, v in result.stats.items()
+        m.update({(k if k.startswith(("judge/", "checks/")) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
         if "judge/untrusted_because" in result.stats:
@@ -233,6 +233,10 @@ def report(result: Any) -> str:
     rel += [f"{k.split('/')[-1]} length corr {v:+.2f}" for k, v in st.items() if k.startswith("judge/length_corr/")]
     if rel:
         lines.append("- judge reliability: " + ", ".join(rel))
+    if all(f"checks/{k}" in st for k in ("val_baseline", "val_best", "test_baseline", "test_best")):
+        lines.append(f"- on the deterministic criteria alone: validation {st['checks/val_baseline']:.3f} -> "
+                     f"{st['checks/val_best']:.3f}, held-out test {st['checks/test_baseline']:.3f} -> "
+                     f"{st['checks/test_best']:.3f}")
     if st.get("judge/trusted") == 0.0:
         lines.append(f"- JUDGE BELOW THE TRUST BAR ({st.get('judge/untrusted_because', '')}): "
                      "promotion used deterministic criteria only")
