@@ -131,6 +131,8 @@ def combine(values: list[float], how: str) -> float:
         mid = len(v) // 2
         return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
     return sum(values) / len(values)
+
+
 PAIR_SCHEMA = {"type": "object", "properties": {
     "rationale": {"type": "string", "minLength": 8, "maxLength": 240},
     "winner": {"type": "string", "enum": ["A", "B", "tie"]}},
