@@ -90,10 +90,9 @@ def test_shipped_labels_validate():
     assert len(rs) >= 40
 
 
-def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
-    """The CLI end to end with the scripted judge swapped in: MLflow run, report, JSON out."""
-    from mlflow import MlflowClient
-
+def cli_with(tmp_path, monkeypatch, judge_roles):
+    """The fixture's labels and the shipped rubric in ``tmp_path``, and the CLI's judge set up from
+    ``judge_roles()`` (scripted) instead of a model; returns (labels, rubric) paths."""
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows()))
     rubric = tmp_path / "r.yaml"
@@ -102,9 +101,17 @@ def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
 
     def fake_setup(rubric_path, config, seed):
         rub = load_rubric(rubric_path)
-        return rub, Judge(rub, scripted()), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
+        return rub, Judge(rub, judge_roles()), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
 
     monkeypatch.setattr(cli, "_judge_setup", fake_setup)
+    return labels, rubric
+
+
+def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
+    """The CLI end to end with the scripted judge swapped in: MLflow run, report, JSON out."""
+    from mlflow import MlflowClient
+
+    labels, rubric = cli_with(tmp_path, monkeypatch, scripted)
     runner = CliRunner()
     out = tmp_path / "agreement.json"
     r = runner.invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--align", "--out", str(out)])
@@ -145,18 +152,8 @@ def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
 def test_calibrate_a_judge_panel_reports_each_member_and_their_agreement(tmp_path, monkeypatch):
     from selftune.calibrate import member_judgments
 
-    labels = tmp_path / "labels.jsonl"
-    labels.write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    rubric = tmp_path / "r.yaml"
-    rubric.write_text((ROOT / "configs/rubrics/taste.yaml").read_text())
-    monkeypatch.chdir(tmp_path)
     ones = fake_role(lambda m: json.dumps({"rationale": "always 1", "score": 1}), name="ones")
-
-    def fake_setup(rubric_path, config, seed):
-        rub = load_rubric(rubric_path)
-        return rub, Judge(rub, [scripted(), ones]), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
-
-    monkeypatch.setattr(cli, "_judge_setup", fake_setup)
+    labels, rubric = cli_with(tmp_path, monkeypatch, lambda: [scripted(), ones])
     out = tmp_path / "agreement.json"
     r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -303,9 +303,7 @@ class Judge:
         system, user = (m["content"] for m in criterion_prompt(cs if len(cs) > 1 else cs[0], answer, token))
         try:
             if method == "logprobs":
-                if len(cs) == 1:
-                    return [self._by_logprobs(role, system, user, cs[0].scale.min, cs[0].scale.max)]
-                return self._group_by_logprobs(role, system, user, cs)
+                return self._by_logprobs(role, system, user, cs)
             if len(cs) == 1:
                 lo, hi = cs[0].scale.min, cs[0].scale.max
                 _, text = ask_json(role, system, [("user", user)], score_schema(lo, hi))
@@ -331,39 +329,28 @@ class Judge:
         return self.ragas.score(c.metric, dict(c.options), answer)
 
     @staticmethod
-    def _by_logprobs(role: Role, system: str, user: str, lo: int, hi: int) -> tuple[float | None, str]:
-        """Rationale first (one line), then E[level] under the scale tokens' next-token probabilities."""
+    def _by_logprobs(role: Role, system: str, user: str,
+                     cs: list[LLMCriterion]) -> list[tuple[float | None, str]]:
+        """Per criterion, a one-line rationale, then E[level] under the scale tokens' next-token
+        probabilities (G-Eval). A group is one assistant turn built criterion by criterion, the
+        rounded level written in before the next one (each rationale sees the verdicts before it;
+        the KV cache is reused)."""
         lm = role.lm
-        prompt = (Message.user(user + "\n\nWrite one sentence of rationale, then the score."),)
-        # The rationale is prefilled with its subject so a small model writes a sentence about the
-        # answer (left open, SmolLM2 often emits a blank line and nothing else); one line is kept.
-        lead = "Rationale: The answer"
-        first = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(lead)),
-                           config=LMConfig(max_tokens=lm.kwargs.get("max_tokens"), temperature=0.0,
-                                           stop=("\n", "Score"))))
-        rationale = ("The answer" + (first.text or "").split("<<")[0]).strip()
-        prefill = f"Rationale: {rationale}\nScore ({lo}-{hi}): "
-        second = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(prefill)),
-                            config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))
-        return scale_expectation(second.logprobs, lo, hi), rationale
-
-    @staticmethod
-    def _group_by_logprobs(role: Role, system: str, user: str,
-                           cs: list[LLMCriterion]) -> list[tuple[float | None, str]]:
-        """A group in one assistant turn, built up criterion by criterion: a one-line rationale,
-        then the score read from the scale tokens' probabilities; the rounded level is written in
-        before the next criterion, so each rationale sees the verdicts before it (KV cache reused)."""
-        lm = role.lm
-        prompt = (Message.user(user + "\n\nFor each criterion in turn, write one sentence of rationale, then the score."),)
+        ask = ("Write one sentence of rationale, then the score." if len(cs) == 1 else
+               "For each criterion in turn, write one sentence of rationale, then the score.")
+        prompt = (Message.user(f"{user}\n\n{ask}"),)
         done, out = "", []
         for c in cs:
             lo, hi = c.scale.min, c.scale.max
+            head = done + (f"Criterion {c.name}:\n" if len(cs) > 1 else "")
+            # The rationale is prefilled with its subject so a small model writes a sentence about the
+            # answer (left open, SmolLM2 often emits a blank line and nothing else); one line is kept.
             first = lm(Request(model=lm.model, system=system,
-                               messages=(*prompt, Message.assistant(f"{done}Criterion {c.name}:\nRationale: The answer")),
+                               messages=(*prompt, Message.assistant(f"{head}Rationale: The answer")),
                                config=LMConfig(max_tokens=lm.kwargs.get("max_tokens"), temperature=0.0,
                                                stop=("\n", "Score"))))
             rationale = ("The answer" + (first.text or "").split("<<")[0]).strip()
-            prefill = f"{done}Criterion {c.name}:\nRationale: {rationale}\nScore ({lo}-{hi}): "
+            prefill = f"{head}Rationale: {rationale}\nScore ({lo}-{hi}): "
             second = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(prefill)),
                                 config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))
             raw = scale_expectation(second.logprobs, lo, hi)
