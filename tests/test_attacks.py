@@ -6,7 +6,8 @@ import re
 import pytest
 
 from conftest import ROOT, fake_role
-from selftune.judge import Judge, attack_flags
+from selftune.attacks import attack_flags
+from selftune.judge import Judge
 from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import load_rubric
 

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from conftest import ROOT, fake_role
-from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation, attack_flags
+from selftune.attacks import attack_flags
+from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation
 from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import Rubric, load_rubric
 

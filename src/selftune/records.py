@@ -82,7 +82,7 @@ class Judgment(Frozen):
     scores: dict[str, Score]
     overall: float | None = None  # None when the item is invalid (answer error or an invalid score)
     capped_by: tuple[str, ...] = ()  # must-not rules (or "flagged") that capped the overall score
-    flags: tuple[str, ...] = ()  # ways the answer games its grader (judge.attack_flags)
+    flags: tuple[str, ...] = ()  # ways the answer games its grader (attacks.attack_flags)
 
     @property
     def valid(self) -> bool:
