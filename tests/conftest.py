@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -120,3 +121,31 @@ gate: {{resamples: 200}}
     path = tmp_path / "cfg.yaml"
     path.write_text(body, encoding="utf-8")
     return path
+
+
+class FakeModels:
+    """Roles by name: generator asks about the sentence, the SUT quotes its first context line,
+    the judge gives 4, the optimizer proposes a fixed rewrite."""
+
+    def __init__(self):
+        def sut(m):
+            ctx = field(m, "Context")
+            return re.sub(r"^\[\d+\] \([^)]*\) ", "", ctx.split("\n\n")[0])[:200]
+
+        self.roles = {
+            "generator": fake_role(lambda m: json.dumps(
+                {"question": f"What is said about {' '.join(m[-1]['content'].split()[2:5])}?"})),
+            "sut": fake_role(sut),
+            "judge": fake_role(lambda m: json.dumps({"rationale": "looks grounded", "score": 4})),
+            "optimizer": fake_role(lambda m: "Quote the single most relevant sentence of the context."),
+        }
+
+    def role(self, name):
+        return self.roles[name]
+
+    def judges(self):  # the panel: "judge", then "judge2", ... when a test adds them
+        return [self.roles[n] for n in sorted(self.roles) if n.startswith("judge")]
+
+
+def no_progress(it, **_):
+    return it

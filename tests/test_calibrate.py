@@ -6,12 +6,13 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, fake_role
-from selftune import cli
+from conftest import no_progress, ROOT, fake_role
+from selftune import cli, runtime
 from selftune.calibrate import agreement, align_examples, judge_all, read_items, split_for_alignment
 from selftune.errors import InputError
 from selftune.judge import Judge
 from selftune.rubric import load_rubric
+from selftune.runtime import JudgeRuntime, Tracking
 
 RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
 # human grounded labels and what the scripted judge will say (by answer text)
@@ -30,10 +31,6 @@ def scripted():
         answer = re.search(r"Answer to grade:\n<<(\S+)>>\n(.*)\n<</\1>>", m[-1]["content"], re.S).group(2)
         return json.dumps({"rationale": "scripted", "score": judged[answer]})
     return fake_role(script)
-
-
-def no_progress(it, **_):
-    return it
 
 
 def test_agreement_matches_hand_computation():
@@ -99,11 +96,12 @@ def cli_with(tmp_path, monkeypatch, judge_roles):
     rubric.write_text((ROOT / "configs/rubrics/taste.yaml").read_text())
     monkeypatch.chdir(tmp_path)
 
-    def fake_setup(rubric_path, config, seed):
+    def fake_runtime(rubric_path, config, seed):
         rub = load_rubric(rubric_path)
-        return rub, Judge(rub, judge_roles()), lambda: None, f"sqlite:///{tmp_path / 'mlflow.db'}|selftune", tmp_path
+        return JudgeRuntime(rub, Judge(rub, judge_roles()), Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "selftune"),
+                            tmp_path)
 
-    monkeypatch.setattr(cli, "_judge_setup", fake_setup)
+    monkeypatch.setattr(runtime, "judge_runtime", fake_runtime)
     return labels, rubric
 
 
@@ -145,8 +143,17 @@ def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     g = json.loads(out.read_text())["all"]["grounded"]
     assert g["n"] == 12 and g["invalid"] == 0
-    # rho is undefined (None) when the judge gives every item the same level, as a 135M judge may
-    assert g["spearman"] is None or -1.0 <= g["spearman"] <= 1.0
+    # rho on the unrounded scores, recomputed from the items written out (None when the judge gives every
+    # item the same score, as a 135M judge may)
+    from scipy.stats import spearmanr
+
+    items = json.loads(out.read_text())["items"]
+    human = [i["labels"]["grounded"] for i in items]
+    judged = [i["scores"]["grounded"]["score"] for i in items]
+    if len(set(judged)) > 1:
+        assert g["spearman"] == pytest.approx(spearmanr(human, judged).statistic)
+    else:
+        assert g["spearman"] is None
 
 
 def test_calibrate_a_judge_panel_reports_each_member_and_their_agreement(tmp_path, monkeypatch):
@@ -197,5 +204,9 @@ judge:
     assert set(res["members"]) == {"judge", "judge2"}
     for member in res["members"].values():
         assert member["grounded"]["n"] == 6 and member["grounded"]["invalid"] == 0
-    assert res["panel_agreement"]["grounded/n"] == 6 and 0.0 <= res["panel_agreement"]["grounded/rate"] <= 1.0
+    assert res["panel_agreement"]["grounded/n"] == 6
+    # pass/fail agreement recomputed from each member's raw score (scale 1..5, pass: normalized >= 0.5)
+    raws = [i["scores"]["grounded"]["by_judge"] for i in res["items"]]
+    same = [((r["judge"] - 1) / 4 >= 0.5) == ((r["judge2"] - 1) / 4 >= 0.5) for r in raws]
+    assert res["panel_agreement"]["grounded/rate"] == pytest.approx(sum(same) / 6)
     assert (tmp_path / "work" / "mlflow.db").is_file()

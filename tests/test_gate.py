@@ -2,7 +2,12 @@ import pytest
 
 from selftune.config import GateSpec
 from selftune.gate import decide, paired_bootstrap
+from selftune.objective import whole_rubric
 from selftune.records import Answer, Evaluation, Judgment, Probe, Score
+from selftune.rubric import Rubric
+
+RUBRIC = Rubric.model_validate({"criteria": [{"name": "c", "kind": "check", "check": {"type": "word_bounds"}}]})
+ON_C = whole_rubric(RUBRIC, 0.0)
 
 
 def ev(values, crit=None, split="val"):
@@ -22,33 +27,36 @@ def test_bootstrap_mean_and_interval_bracket():
     diffs = [0.0, 0.1, 0.2, 0.3, 0.4]
     mean, lo, hi = paired_bootstrap(diffs, 0.9, 4000, 1)
     assert mean == pytest.approx(0.2)
-    assert 0.05 < lo < 0.2 < hi < 0.35
+    # hand-computed: the mean of 5 draws has SD sqrt(0.02 / 5) = 0.0632, so the 90% percentile interval
+    # is about 0.2 -/+ 1.645 * 0.0632 = [0.096, 0.304] (the exact bootstrap distribution is discrete)
+    assert lo == pytest.approx(0.096, abs=0.02) and hi == pytest.approx(0.304, abs=0.02)
+    assert paired_bootstrap(diffs, 0.9, 4000, 1) == (mean, lo, hi)  # seeded: the same interval again
 
 
 def test_promotes_clear_gain():
-    d = decide(ev([0.9, 0.8, 0.9, 0.95, 0.85, 0.9]), ev([0.5, 0.4, 0.6, 0.5, 0.45, 0.5]), ["c"], GateSpec(), 0)
+    d = decide(ev([0.9, 0.8, 0.9, 0.95, 0.85, 0.9]), ev([0.5, 0.4, 0.6, 0.5, 0.45, 0.5]), ON_C, GateSpec(), 0)
     assert d.promote and d.delta == pytest.approx(0.391666, abs=1e-4) and d.ci_low > 0
 
 
 def test_rejects_gain_within_noise():
-    d = decide(ev([0.9, 0.1, 0.9, 0.1]), ev([0.1, 0.9, 0.1, 0.8]), ["c"], GateSpec(), 0)
+    d = decide(ev([0.9, 0.1, 0.9, 0.1]), ev([0.1, 0.9, 0.1, 0.8]), ON_C, GateSpec(), 0)
     assert not d.promote and "noise" in d.reason
 
 
 def test_clear_loss_is_called_a_loss():
-    d = decide(ev([0.1, 0.2, 0.1, 0.2]), ev([0.8, 0.9, 0.8, 0.9]), ["c"], GateSpec(), 0)
+    d = decide(ev([0.1, 0.2, 0.1, 0.2]), ev([0.8, 0.9, 0.8, 0.9]), ON_C, GateSpec(), 0)
     assert not d.promote and d.reason.startswith("worse than the incumbent by 0.700")
 
 
 def test_rejects_when_a_criterion_regresses():
     cand = ev([0.9] * 6, crit=[0.3] * 6)
     inc = ev([0.5] * 6, crit=[0.5] * 6)
-    d = decide(cand, inc, ["c"], GateSpec(), 0)
+    d = decide(cand, inc, ON_C, GateSpec(), 0)
     assert not d.promote and "regress" in d.reason and d.criterion_deltas["c"] == pytest.approx(-0.2)
 
 
 def test_invalid_items_are_not_paired():
     cand = ev([0.9, None, 0.9])
     inc = ev([0.1, 0.1, None])
-    d = decide(cand, inc, ["c"], GateSpec(), 0)
+    d = decide(cand, inc, ON_C, GateSpec(), 0)
     assert d.n_paired == 1 and not d.promote

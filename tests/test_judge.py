@@ -5,7 +5,9 @@ import pytest
 
 from conftest import ROOT, fake_role
 from selftune.attacks import attack_flags
-from selftune.judge import Judge, criterion_prompt, parse_score, scale_expectation
+from selftune.judge import Judge
+from selftune.panel import parse_score, scale_expectation
+from selftune.prompts import criterion_prompt
 from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import Rubric, load_rubric
 
@@ -90,8 +92,8 @@ def test_local_judge_json_method_requests_schema_with_rationale_first():
     hosted, hrole = judge_with('{"rationale": "x is fine", "score": 3}')
     hosted.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
     assert hrole.engine.calls[0]["response_format"] is None  # hosted replies are parsed, not constrained
-    # the scripted engine sees the canonical request; the schema is the judge's structured output
-    assert role.engine.calls, "judge made no call"
+    # one LLM criterion, one structured call per item (no retry, no second pass)
+    assert len(role.engine.calls) == 1 and len(hrole.engine.calls) == 1
 
 
 def test_fences_are_random_per_call_and_data_cannot_close_them():
@@ -139,7 +141,7 @@ def test_judge_panel_aggregates_and_keeps_each_members_score(aggregate, expected
 
 def test_judge_panel_member_failure_is_kept_and_all_failing_is_invalid():
     judge = Judge(RUBRIC, [fake_role(scorer(None)), fake_role(scorer(5))], seed=0)
-    assert judge.names == ["fake#1", "fake#2"]  # same role names made unique
+    assert judge.panel.names == ["fake#1", "fake#2"]  # same role names made unique
     s = judge.judge(Answer(probe=PROBE, text="The pass statement is a null operation.", contexts=CTX)).scores["grounded"]
     assert s.raw == 5 and s.by_judge == {"fake#1": None, "fake#2": 5}
     judge = Judge(RUBRIC, [fake_role(scorer(None)), fake_role(scorer(None))], seed=0)
@@ -154,11 +156,11 @@ def test_judge_panel_pairwise_averages_the_members():
     a = Answer(probe=PROBE, text="The pass statement is a null operation.", contexts=CTX)
     b = Answer(probe=PROBE, text="It loops.", contexts=CTX)
     c = RUBRIC.llm_criteria()[0]
-    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("A"))]).compare(c, a, b)
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("A"))]).panel.compare(c, a, b)
     assert verdict == "A" and p == 1.0
-    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("B"))]).compare(c, a, b)
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("A")), fake_role(says("B"))]).panel.compare(c, a, b)
     assert verdict == "tie" and p == 0.5
-    verdict, p, _ = Judge(RUBRIC, [fake_role(says("B")), fake_role(lambda m: "??")]).compare(c, a, b)
+    verdict, p, _ = Judge(RUBRIC, [fake_role(says("B")), fake_role(lambda m: "??")]).panel.compare(c, a, b)
     assert verdict == "B" and p == 0.0  # the member with no verdict does not count
 
 

@@ -6,38 +6,10 @@ import re
 import pytest
 from mlflow import MlflowClient
 
-from conftest import fake_role, field, write_config
+from conftest import FakeModels, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
 from selftune.tracking import MlflowTracker
-
-
-class FakeModels:
-    """Roles by name: generator asks about the sentence, the SUT quotes its first context line,
-    the judge gives 4, the optimizer proposes a fixed rewrite."""
-
-    def __init__(self):
-        def sut(m):
-            ctx = field(m, "Context")
-            return re.sub(r"^\[\d+\] \([^)]*\) ", "", ctx.split("\n\n")[0])[:200]
-
-        self.roles = {
-            "generator": fake_role(lambda m: json.dumps(
-                {"question": f"What is said about {' '.join(m[-1]['content'].split()[2:5])}?"})),
-            "sut": fake_role(sut),
-            "judge": fake_role(lambda m: json.dumps({"rationale": "looks grounded", "score": 4})),
-            "optimizer": fake_role(lambda m: "Quote the single most relevant sentence of the context."),
-        }
-
-    def role(self, name):
-        return self.roles[name]
-
-    def judges(self):  # the panel: "judge", then "judge2", ... when a test adds them
-        return [self.roles[n] for n in sorted(self.roles) if n.startswith("judge")]
-
-
-def no_progress(it, **_):
-    return it
 
 
 def run(tmp_path, corpus_dir, rounds=2, **cfg_over):

@@ -41,18 +41,3 @@ def test_duplicate_names(tmp_path):
                         "{kind: check, name: a, check: {type: retrieval_hit}}]")
     with pytest.raises(InputError, match="repeat"):
         load_rubric(p)
-
-
-def test_aggregate_weights_invalid_and_caps(tmp_path):
-    r = load_rubric(write(tmp_path, """
-criteria:
-  - {kind: check, name: a, weight: 3, check: {type: retrieval_hit}}
-  - {kind: check, name: b, weight: 1, check: {type: retrieval_hit}}
-must_not:
-  - {name: r, cap: 0.1, check: {type: regex, must_not: x}}
-"""))
-    assert r.aggregate({"a": Score(value=1.0), "b": Score(value=0.0)}, [])[0] == pytest.approx(0.75)
-    assert r.aggregate({"a": Score(value=1.0), "b": Score(status="n/a")}, [])[0] == pytest.approx(1.0)
-    assert r.aggregate({"a": Score(value=1.0), "b": Score(status="invalid")}, [])[0] is None
-    overall, capped = r.aggregate({"a": Score(value=1.0), "b": Score(value=1.0)}, [r.must_not[0]])
-    assert overall == pytest.approx(0.1) and capped == ("r",)

@@ -7,14 +7,13 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from conftest import fake_role, write_config
+from conftest import FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
 from selftune.records import Answer, Chunk, Judgment, Probe, Score
 from selftune.rubric import load_rubric
 from selftune.tracking import MlflowTracker, report
-from selftune.trust import deterministic_overall
-from test_loop import FakeModels, no_progress
+from selftune.objective import checks_only
 
 
 def run_with_judge(tmp_path, corpus_dir, judge_script, **over):
@@ -62,7 +61,9 @@ def test_fickle_judge_falls_below_the_bar_and_only_checks_promote(tmp_path, corp
     client = MlflowClient(cfg.tracking_uri())
     parent = client.get_run(tracker.parent_id)
     assert parent.data.metrics["judge/trusted"] == 0.0 and "selftune.judge_untrusted" in parent.data.tags
-    assert 0.0 <= parent.data.metrics["checks/test_best"] <= 1.0 and "checks/val_baseline" in parent.data.metrics
+    checks = checks_only(load_rubric(cfg.rubric), cfg.judge.flag_cap)
+    assert parent.data.metrics["checks/test_best"] == pytest.approx(checks.mean(result.test_best))
+    assert parent.data.metrics["checks/val_baseline"] == pytest.approx(checks.mean(result.rounds[0].val))
     assert [m.value for m in client.get_metric_history(tracker.parent_id, "judge/trusted")] == [0.0, 0.0, 0.0]
 
 
@@ -107,23 +108,6 @@ def test_failed_pairwise_comparisons_are_counted_not_ties(tmp_path, corpus_dir):
     _, result, _ = run_with_judge(tmp_path, corpus_dir, no_verdict)
     assert result.stats["judge/swap/invalid"] > 0 and "judge/swap/consistency" not in result.stats
     assert result.stats["judge/trusted"] == 0.0 and "comparisons failed" in result.stats["judge/untrusted_because"]
-
-
-def test_deterministic_overall_ignores_llm_scores_but_keeps_caps(tmp_path):
-    from conftest import ROOT
-
-    rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
-    probe = Probe(id="p", question="What does pass do?", reference="pass does nothing", source_doc="d",
-                  source_end=10)
-    ans = Answer(probe=probe, text="pass does nothing at all here", contexts=(Chunk(id="c", doc="d", start=0, end=10,
-                                                                                        text="pass does nothing"),))
-    scores = {"grounded": Score(value=1.0, raw=5), "concise": Score(value=1.0), "retrieval_hit": Score(value=1.0),
-              "correct": Score(value=0.5), "quotes_source": Score(value=0.0)}
-    j = Judgment(answer=ans, scores=scores, overall=0.8)
-    # checks only: (1*1 + 1*1 + 2*0.5 + 1*0) / 5 = 0.6
-    assert deterministic_overall(rubric, j, 0.0) == 0.6
-    assert deterministic_overall(rubric, j.model_copy(update={"flags": ("echo:question",)}), 0.0) == 0.0
-    assert deterministic_overall(rubric, j.model_copy(update={"capped_by": ("no_grader_talk",)}), 0.0) == 0.0
 
 
 def scoring(score):

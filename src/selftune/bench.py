@@ -28,11 +28,11 @@ from typing import Any
 
 def _child(config: str, workdir: str, out: str) -> None:
     """One tune in this process; its figures are written to ``out`` as JSON."""
-    from .cli import _progress, _setup
+    from .runtime import progress, setup
     from .config import load_config
 
     cfg = load_config(config).model_copy(update={"workdir": Path(workdir)})
-    _setup(cfg.workdir)
+    setup(cfg.workdir)
     from .loop import Session, tune
     from .tracking import MlflowTracker, report
 
@@ -62,7 +62,7 @@ def _child(config: str, workdir: str, out: str) -> None:
     session = Session(cfg)
     observer = Timed(MlflowTracker(cfg))
     try:
-        result = tune(session, cfg.optimizer.rounds, observer, _progress)
+        result = tune(session, cfg.optimizer.rounds, observer, progress)
     finally:
         session.close()
     seconds = time.perf_counter() - t0

@@ -195,3 +195,64 @@ def split_for_alignment(n: int, seed: int, fraction: float = 0.5) -> tuple[list[
 
 def judge_all(judge: Judge, rows: list[dict[str, Any]], progress: Any, offset: int = 0) -> list[Judgment]:
     return [judge.judge(to_answer(r, offset + i)) for i, r in enumerate(progress(rows, desc="judge"))]
+
+
+def run(judge: Judge, rows: list[dict[str, Any]], align: bool, seed: int, progress: Any) -> dict[str, Any]:
+    """The whole calibration: every item judged and compared with its labels; with a panel, each
+    member against the labels and the members against each other; with ``align``, agreement on the
+    held-out half before and after the fit half's misses become calibration examples."""
+    from .config import JudgeSpec
+    from .records import Evaluation
+    from .trust import Monitor
+
+    rub = judge.rubric
+    judgments = judge_all(judge, rows, progress)
+    result: dict[str, Any] = {"n": len(rows), "all": agreement(rub, rows, judgments, seed),
+                              "items": [{**judgment_row(r, j), "labels": r.get("labels")}
+                                        for r, j in zip(rows, judgments)]}
+    panel = judge.panel
+    if panel is not None and len(panel.roles) > 1:
+        result["members"] = {name: agreement(rub, rows, member_judgments(rub, judgments, name), seed)
+                             for name in panel.names}
+        monitor = Monitor(rub, judge, JudgeSpec())
+        monitor.observe([Evaluation(params={}, split="test", judgments=tuple(judgments))])
+        result["panel_agreement"] = {k.split("/", 1)[1]: v for k, v in monitor.stats.items()
+                                     if k.startswith("agreement/")}
+    if align:
+        fit, held = split_for_alignment(len(rows), seed)
+        aligned_rubric = align_examples(rub, [rows[i] for i in fit], [judgments[i] for i in fit])
+        aligned = judge.variant(rubric=aligned_rubric, seed=seed)
+        held_rows = [rows[i] for i in held]
+        after = judge_all(aligned, held_rows, progress, offset=10_000)
+        result["align"] = {"fit_items": len(fit), "held_out_items": len(held),
+                           "before": agreement(rub, held_rows, [judgments[i] for i in held], seed),
+                           "after": agreement(aligned_rubric, held_rows, after, seed),
+                           "examples": {c.name: [e.model_dump() for e in c.examples]
+                                        for c in aligned_rubric.llm_criteria()}}
+    return result
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
+
+
+def calibration_text(result: dict[str, Any]) -> str:
+    lines = []
+    sections = [("all items", result["all"])]
+    sections += [(f"all items, judge {name} alone", agg) for name, agg in result.get("members", {}).items()]
+    if "align" in result:
+        sections += [(f"held-out {result['align']['held_out_items']} items, before alignment", result["align"]["before"]),
+                     ("same items, after alignment", result["align"]["after"])]
+    for title, agg in sections:
+        lines.append(f"# {title}")
+        for name, a in agg.items():
+            k_lo, k_hi = a["kappa_ci95"]
+            r_lo, r_hi = a["spearman_ci95"]
+            lines.append(f"{name:16s} n={a['n']:3d} invalid={a['invalid']}  kappa({a['weights']}) {_fmt(a['kappa'])} "
+                         f"[{_fmt(k_lo)}, {_fmt(k_hi)}]  rho {_fmt(a['spearman'])} [{_fmt(r_lo)}, {_fmt(r_hi)}]  "
+                         f"exact {_fmt(a['exact_agreement'])}")
+            lines.append(f"{'':16s} confusion (rows human, cols judge; levels {a['levels']}): {a['confusion']}")
+    if result.get("panel_agreement"):
+        lines.append("# judges against each other (pass/fail agreement; normalized scores)")
+        lines += [f"{k:28s} {v:.3f}" for k, v in sorted(result["panel_agreement"].items())]
+    return "\n".join(lines)

@@ -183,6 +183,10 @@ class Config(Strict):
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
 
+    def best_path(self) -> Path:
+        """Where ``selftune tune`` keeps the params it promoted last (``eval --params best``)."""
+        return self.workdir / "best" / f"{self.name}.yaml"
+
 
 def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     """Read and validate a run config; ``corpus`` overrides ``corpus.path`` (CLI ``--corpus``)."""

@@ -272,19 +272,18 @@ def check_credentials(cfg: Config) -> None:
                              f"environment variable {spec.api_key_env} is not set (needed for {spec.model})")
 
 
-class Models:
-    """Builds each role's LM once. Each local role gets its own llama.cpp context (the weights are
-    memory-mapped, so a context costs only its KV cache, ~100 MB): the judge's and the SUT's fixed
-    prompt prefixes then stay cached between items instead of evicting each other."""
+class Engines:
+    """One llama.cpp context per local role name (the weights are memory-mapped, so a context costs
+    only its KV cache, ~100 MB): the judge's and the SUT's fixed prompt prefixes then stay cached
+    between items instead of evicting each other."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, seed: int):
+        self.seed = seed
         self._engines: dict[str, LlamaCppEngine] = {}
-        self._roles: dict[str, Role] = {}
 
-    def engine(self, role: str) -> LlamaCppEngine:
+    def get(self, role: str) -> LlamaCppEngine:
         if role not in self._engines:
-            self._engines[role] = LlamaCppEngine(local_gguf_path(), seed=self.cfg.seed)
+            self._engines[role] = LlamaCppEngine(local_gguf_path(), seed=self.seed)
         return self._engines[role]
 
     def close(self) -> None:
@@ -294,24 +293,40 @@ class Models:
             engine.close()
         self._engines.clear()
 
+
+def panel_roles(specs: list[ModelSpec], engines: Engines) -> list[Role]:
+    """The judge panel's roles, named ``judge``, ``judge2``, ...; each local member gets its own
+    context. The first is the primary judge (ragas LLM metrics)."""
+    names = ["judge" if i == 0 else f"judge{i + 1}" for i in range(len(specs))]
+    return [build_role(n, spec, (lambda n=n: engines.get(n)) if spec.model == "local" else None)
+            for n, spec in zip(names, specs)]
+
+
+class Models:
+    """Builds each role's LM once (local roles on their own llama.cpp context, ``Engines``)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.engines = Engines(cfg.seed)
+        self._roles: dict[str, Role] = {}
+        self._panel: list[Role] | None = None
+
+    def close(self) -> None:
+        self.engines.close()
+
     def role(self, name: str) -> Role:
         if name not in self._roles:
             spec: ModelSpec = getattr(self.cfg.models, name)
-            self._roles[name] = build_role(name, spec, (lambda: self.engine(name)) if spec.model == "local" else None)
+            self._roles[name] = build_role(name, spec, (lambda: self.engines.get(name)) if spec.model == "local" else None)
         return self._roles[name]
 
     def judges(self) -> list[Role]:
-        """The judge panel (``judge.models``), or ``models.judge`` alone; each local member gets its
-        own context. The first is the primary judge (pairwise swaps, ragas metrics)."""
+        """The judge panel (``judge.models``), or ``models.judge`` alone."""
         if not self.cfg.judge.models:
             return [self.role("judge")]
-        out = []
-        for i, spec in enumerate(self.cfg.judge.models):
-            name = "judge" if i == 0 else f"judge{i + 1}"
-            if name not in self._roles:
-                self._roles[name] = build_role(name, spec, (lambda n=name: self.engine(n)) if spec.model == "local" else None)
-            out.append(self._roles[name])
-        return out
+        if self._panel is None:
+            self._panel = panel_roles(list(self.cfg.judge.models), self.engines)
+        return self._panel
 
 
 def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:

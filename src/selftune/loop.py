@@ -21,9 +21,10 @@ from .judge import Judge
 from .lm import Models, check_credentials
 from .optimize import Optimizer
 from .rag import RAG, load_system
-from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
+from .objective import checks_only
+from .records import Evaluation, GateDecision, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
-from .trust import Monitor, deterministic_names, deterministic_overall
+from .trust import Monitor, objective_for
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable[Any]]
@@ -115,15 +116,16 @@ class Session:
 
 
 def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
-    cfg, rubric = session.cfg, session.rubric
+    """Probes -> baseline -> per round: proposal, answers, judgments, trust verdict, objective, gate
+    -> the held-out test, touched once at the end to report."""
+    cfg, rubric, cap = session.cfg, session.rubric, session.judge.flag_cap
     probes, stats = session.probes(progress)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
     observer.start(cfg, rubric, probes, stats)
-    criteria = [c.name for c in rubric.criteria]
     # The optimizer is built from train/val material only: it is never handed a Probe list.
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), cfg.optimizer, cfg.seed)
     monitor = Monitor(rubric, session.judge, cfg.judge, cfg.seed)
-    pairwise = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
+    pairwise_mode = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
     try:
         params = initial_params(cfg)
         base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress),
@@ -133,7 +135,8 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         monitor.retest([base.train, base.val])
         trusted, why = monitor.verdict()
         _say_trust(trusted, why)
-        _steer(optimizer, session, trusted)
+        objective = objective_for(rubric, trusted, why, cfg.judge.mode, cap)
+        optimizer.steer(objective)
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
         observer.round(base)
@@ -142,14 +145,17 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             train = session.evaluate(cand, probes, "train", progress)
             val = session.evaluate(cand, probes, "val", progress)
-            compared = monitor.compare(val, incumbent.val, None if pairwise else cfg.judge.swap_sample)
+            # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
+            compared = monitor.compare(val, incumbent.val, None if pairwise_mode else cfg.judge.swap_sample)
             monitor.observe([train, val])
             was_trusted = trusted
             trusted, why = monitor.verdict()
             if trusted != was_trusted:
                 _say_trust(trusted, why)
-                _steer(optimizer, session, trusted)
-            gate = _decide(session, val, incumbent.val, criteria, trusted, why, compared if pairwise else None, cfg.seed + i)
+            objective = objective_for(rubric, trusted, why, cfg.judge.mode, cap)
+            optimizer.steer(objective)
+            judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
+            gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
             stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
                                              if compared.get("consistency") is not None else {})}
             rnd = Round(index=i, params=cand, train=train, val=val, gate=gate,
@@ -165,17 +171,12 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         stats["texts_embedded"] = session.embedder.encoded
         stats.update({f"judge/{k}": v for k, v in monitor.stats.items()})
         stats["judge/trusted"] = float(trusted)
-        if monitor.model_scored and deterministic_names(rubric):
+        checks = checks_only(rubric, cap)
+        if monitor.model_scored and checks.criteria:
             # the same gains on the checks alone: the signal promotion used when the judge was untrusted
-            cap = session.judge.flag_cap
-
-            def det(ev: Evaluation) -> float | None:
-                vals = [v for j in ev.judgments if (v := deterministic_overall(rubric, j, cap)) is not None]
-                return sum(vals) / len(vals) if vals else None
-
             for key, ev in (("val_baseline", base.val), ("val_best", best.val),
                             ("test_baseline", test_base), ("test_best", test_best)):
-                if (v := det(ev)) is not None:
+                if (v := checks.mean(ev)) is not None:
                     stats[f"checks/{key}"] = v
         if not trusted:
             stats["judge/untrusted_because"] = "; ".join(why)
@@ -194,64 +195,16 @@ def _say_trust(trusted: bool, why: list[str]) -> None:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", "; ".join(why))
 
 
-def _steer(optimizer: Optimizer, session: Session, trusted: bool) -> None:
-    """The optimizer chases what the gate promotes on: below the trust bar, the checks only."""
-    if trusted:
-        optimizer.steer(None, None)
-    else:
-        rubric, cap = session.rubric, session.judge.flag_cap
-        optimizer.steer(lambda j: deterministic_overall(rubric, j, cap), deterministic_names(rubric))
-
-
-def _decide(session: Session, val: Evaluation, inc_val: Evaluation, criteria: list[str], trusted: bool,
-            why: list[str], compared: dict[str, Any] | None, seed: int) -> GateDecision:
-    """The gate, on the signal the judge has earned: every criterion (pointwise or pairwise) when it
-    clears the trust bar, the deterministic criteria only when it does not."""
-    rubric, spec = session.rubric, session.cfg.gate
-    llm = {c.name for c in rubric.llm_criteria()}
-    if not trusted:
-        keep = deterministic_names(rubric)
-        cap = session.judge.flag_cap
-
-        def det(a: Judgment, b: Judgment) -> float | None:
-            x, y = deterministic_overall(rubric, a, cap), deterministic_overall(rubric, b, cap)
-            return x - y if x is not None and y is not None else None
-
-        return decide(val, inc_val, [c for c in criteria if c in keep], spec, seed, diff=det,
-                      note=f"judge untrusted ({'; '.join(why)}), deterministic criteria only")
-    if compared is None:
-        return decide(val, inc_val, criteria, spec, seed)
-    prefs: dict[str, dict[str, float]] = compared.get("prefs", {})
-    weights = {c.name: c.weight for c in rubric.criteria}
-
-    def pair(a: Judgment, b: Judgment) -> float | None:
-        if a.overall is None or b.overall is None:
-            return None
-        if a.capped_by or b.capped_by or a.flags or b.flags:  # hard rules decide, whatever the preference
-            return a.overall - b.overall
-        parts = []
-        for name, w in weights.items():
-            if name in llm:
-                p = prefs.get(a.answer.probe.id, {}).get(name)
-                if p is None:
-                    return None  # no valid comparison for this probe: not paired
-                parts.append((w, 2 * p - 1))
-            elif a.scores[name].status == "ok" and b.scores[name].status == "ok":
-                parts.append((w, (a.scores[name].value or 0.0) - (b.scores[name].value or 0.0)))
-        if not parts:
-            return None
-        return sum(w * d for w, d in parts) / sum(w for w, _ in parts)
-
-    deltas = {}
-    for name in llm:
-        ps = [p[name] for p in prefs.values() if name in p]
-        if ps:
-            deltas[name] = sum(2 * p - 1 for p in ps) / len(ps)
-    return decide(val, inc_val, criteria, spec, seed, diff=pair, deltas=deltas, note="pairwise")
-
-
 def write_best(path: Path, params: Params) -> None:
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"params": params}, sort_keys=True, allow_unicode=True), encoding="utf-8")
+
+
+def eval_rows(ev: Evaluation) -> list[dict[str, Any]]:
+    """``selftune eval``'s output: per question, the answer, its contexts and every score."""
+    return [{"question": j.answer.probe.question, "answer": j.answer.text,
+             "contexts": [c.text for c in j.answer.contexts], "error": j.answer.error, "overall": j.overall,
+             "scores": {n: {"score": s.value, "raw": s.raw, "status": s.status, "rationale": s.rationale}
+                        for n, s in j.scores.items()}} for j in ev.judgments]

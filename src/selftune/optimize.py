@@ -5,14 +5,13 @@ round. Text params (``instructions``) are rewritten by the optimizer model from 
 lowest-scored *train* items and their rationales (reflective, GEPA-style). A rewrite that is empty,
 too long or smuggles fence/markup text is rejected; the fallback appends the user's own description
 of the weakest criterion. The optimizer is handed only train and validation rounds: the test split
-never exists in what it sees. When the judge falls below the trust bar, ``steer`` points it at the
-deterministic criteria only, like the gate.
+never exists in what it sees. It climbs the same ``Objective`` the gate promotes on (``steer``), so
+below the trust bar it chases the deterministic criteria only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -20,6 +19,7 @@ import optuna
 
 from .config import ChoiceParam, IntParam, OptimizerSpec, ParamSpec, TextParam
 from .lm import Role
+from .objective import Objective, whole_rubric
 from .records import Evaluation, Judgment, Params, Round
 from .rubric import Rubric
 
@@ -45,20 +45,16 @@ def distributions(space: dict[str, ParamSpec]) -> dict[str, Any]:
     return out
 
 
-ItemScore = Callable[[Judgment], "float | None"]
-
-
-def describe_failures(judgments: list[Judgment], k: int, item_score: ItemScore | None = None,
-                      criteria: set[str] | None = None) -> str:
-    """The ``k`` lowest-scored items (by ``item_score``, default the overall) with the reasons of the
-    criteria they fail (only those in ``criteria``, if given)."""
-    item_score = item_score or (lambda j: j.overall)
-    scored = [(v, j) for j in judgments if (v := item_score(j)) is not None]
+def describe_failures(judgments: list[Judgment], k: int, objective: Objective) -> str:
+    """The ``k`` lowest-scored items on ``objective`` with the reasons of the criteria it counts
+    that they fail."""
+    criteria = objective.criteria
+    scored = [(v, j) for j in judgments if (v := objective.item(j)) is not None]
     worst = [j for _, j in sorted(scored, key=lambda vj: vj[0])[:k]]
     lines = []
     for j in worst:
         why = "; ".join(f"{n}: {s.rationale}" for n, s in j.scores.items()
-                        if s.status == "ok" and (s.value or 0) < 0.5 and (criteria is None or n in criteria))
+                        if s.status == "ok" and (s.value or 0) < 0.5 and n in criteria)
         lines.append(f"Q: {j.answer.probe.question}\nA: {j.answer.text[:300]}\nWhy bad: {why[:400]}")
     return "\n\n".join(lines)
 
@@ -83,9 +79,8 @@ class Optimizer:
         self.seed = seed
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._next = 1
-        # What the optimizer climbs: every criterion, until steer() restricts it to the trusted ones.
-        self.item_score: ItemScore | None = None
-        self.criteria: set[str] | None = None
+        # What the optimizer climbs: the whole rubric, until steer() hands it another objective.
+        self.objective = whole_rubric(rubric, 0.0)
         self._new_study()
 
     def _new_study(self) -> None:
@@ -95,21 +90,17 @@ class Optimizer:
         self._pending: dict[int, optuna.trial.Trial] = {}
         self._told: set[int] = set()
 
-    def steer(self, item_score: ItemScore | None, criteria: set[str] | None) -> None:
-        """Climb ``item_score`` (per item; None: the overall) and show the rewriter only the reasons
-        of ``criteria`` (None: all). Called when the judge falls below (or back within) the trust bar,
-        so the optimizer chases the same signal the gate promotes on; the sampler's history is
-        re-scored on the new signal."""
-        if criteria == self.criteria:
-            return
-        self.item_score, self.criteria = item_score, criteria
-        self._new_study()
+    def steer(self, objective: Objective) -> None:
+        """Climb ``objective`` and show the rewriter only the reasons of its criteria. Called with
+        each trust verdict, so the optimizer chases the same signal the gate promotes on; when what
+        an item scores changes, the sampler's history is re-scored on the new signal."""
+        old = self.objective
+        self.objective = objective
+        if (old.kind == "checks", old.criteria) != (objective.kind == "checks", objective.criteria):
+            self._new_study()
 
     def value(self, ev: Evaluation) -> float | None:
-        if self.item_score is None:
-            return ev.overall()
-        vals = [v for j in ev.judgments if (v := self.item_score(j)) is not None]
-        return sum(vals) / len(vals) if vals else None
+        return self.objective.mean(ev)
 
     def _tell(self, history: list[Round]) -> None:
         for r in history:
@@ -145,7 +136,7 @@ class Optimizer:
         return params, tuple(notes)
 
     def _rewrite(self, current: str, incumbent: Round, spec: TextParam) -> tuple[str, str]:
-        failures = describe_failures(list(incumbent.train.judgments), self.spec.worst_k, self.item_score, self.criteria)
+        failures = describe_failures(list(incumbent.train.judgments), self.spec.worst_k, self.objective)
         try:
             with self.role.context():
                 text = str(dspy.Predict(ImproveInstructions)(current_instructions=current, failures=failures).new_instructions)
@@ -162,7 +153,7 @@ class Optimizer:
 
     def _weakest_hint(self, incumbent: Round) -> str | None:
         means = [(incumbent.train.criterion_mean(c.name), c) for c in self.rubric.criteria
-                 if c.description and (self.criteria is None or c.name in self.criteria)]
+                 if c.description and c.name in self.objective.criteria]
         means = [(m, c) for m, c in means if m is not None]
         if not means:
             return None

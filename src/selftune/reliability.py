@@ -19,39 +19,16 @@ from typing import Literal
 Verdict = Literal["A", "B", "tie"]
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson's r; None with fewer than 3 pairs or a constant side."""
-    n = len(x)
-    if n != len(y):
-        raise ValueError("x and y differ in length")
-    if n < 3:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
-
-
-def ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties given their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    return pearson(ranks(x), ranks(y))
+    """Spearman's rho (scipy.stats.spearmanr, ties at their average rank); None with fewer than 3
+    pairs or a constant side, where it is undefined."""
+    if len(x) != len(y):
+        raise ValueError("x and y differ in length")
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
 
 
 def confusion(a: Sequence[int], b: Sequence[int], levels: Sequence[int]) -> list[list[int]]:
@@ -65,32 +42,28 @@ def confusion(a: Sequence[int], b: Sequence[int], levels: Sequence[int]) -> list
 
 def cohen_kappa(a: Sequence[int], b: Sequence[int], levels: Sequence[int],
                 weights: Literal["none", "linear", "quadratic"] = "none") -> float | None:
-    """Cohen's kappa of two raters over ``levels`` (ordered); weighted for ordinal scales.
-    None when it is undefined (no items, or chance agreement is already perfect)."""
-    n = len(a)
-    if n == 0:
+    """Cohen's kappa of two raters over ``levels`` (ordered); weighted for ordinal scales
+    (sklearn.metrics.cohen_kappa_score). None when it is undefined (no items, or chance agreement is
+    already perfect)."""
+    if len(a) == 0:
         return None
-    k = len(levels)
     table = confusion(a, b, levels)
     rows = [sum(r) for r in table]
-    cols = [sum(table[i][j] for i in range(k)) for j in range(k)]
-
-    def w(i: int, j: int) -> float:  # disagreement weight
-        if weights == "none":
-            return 0.0 if i == j else 1.0
-        d = abs(i - j) / (k - 1)
-        return d if weights == "linear" else d * d
-
-    observed = sum(w(i, j) * table[i][j] for i in range(k) for j in range(k)) / n
-    expected = sum(w(i, j) * rows[i] * cols[j] for i in range(k) for j in range(k)) / (n * n)
-    if expected == 0:
+    cols = [sum(r[j] for r in table) for j in range(len(levels))]
+    # expected disagreement is zero exactly when each rater uses one level and both use the same one
+    if sum(1 for r in rows if r) == 1 and rows == cols:
         return None
-    return 1.0 - observed / expected
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(list(a), list(b), labels=list(levels),
+                                   weights=None if weights == "none" else weights))
 
 
 def bootstrap_ci(stat: Callable[[list[int]], float | None], n: int, confidence: float = 0.95,
                  resamples: int = 1000, seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile interval of ``stat(indices)`` over resampled item indices (undefined draws skipped)."""
+    """Percentile interval of ``stat(indices)`` over resampled item indices, undefined draws skipped.
+    (Not scipy.stats.bootstrap: kappa and rho are undefined on some resamples, e.g. every item at one
+    level, and scipy has no way to leave a draw out; the gate's mean difference uses scipy.)"""
     if n == 0:
         return None, None
     rng = random.Random(seed)

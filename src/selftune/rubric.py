@@ -3,7 +3,8 @@
 A criterion is ``kind: llm`` (scored by the judge model on an anchored scale, rationale first),
 ``kind: check`` (deterministic, from the closed catalogue in ``checks.py``) or ``kind: ragas`` (a ragas
 metric by name, ``ragas_metrics.py``). ``must_not`` rules are
-checks whose failure caps an item's overall score whatever the other criteria say.
+checks whose failure caps an item's overall score whatever the other criteria say (how scores
+combine and caps apply: ``objective.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InputError, read_yaml, validate
 from .ragas_metrics import METRICS
-from .records import Score
 
 
 class Strict(BaseModel):
@@ -200,21 +200,6 @@ class Rubric(Strict):
         from .ragas_metrics import LLM_METRICS
 
         return bool(self.llm_criteria()) or any(c.metric in LLM_METRICS for c in self.ragas_criteria())
-
-    def aggregate(self, scores: dict[str, Score], violated: list[MustNot],
-                  only: set[str] | None = None) -> tuple[float | None, tuple[str, ...]]:
-        """Weighted mean of the ok scores (of the criteria in ``only``, if given); None if any
-        applicable score is invalid; capped by the violated rules."""
-        chosen = [c for c in self.criteria if c.name in scores and (only is None or c.name in only)]
-        if any(scores[c.name].status == "invalid" for c in chosen):
-            return None, tuple(r.name for r in violated)
-        pairs = [(c.weight, scores[c.name].value) for c in chosen if scores[c.name].status == "ok"]
-        if not pairs:
-            return None, tuple(r.name for r in violated)
-        overall = sum(w * (v or 0.0) for w, v in pairs) / sum(w for w, _ in pairs)
-        for rule in violated:
-            overall = min(overall, rule.cap)
-        return overall, tuple(r.name for r in violated)
 
 
 def load_rubric(path: str | Path) -> Rubric:

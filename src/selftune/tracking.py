@@ -254,3 +254,39 @@ def _has_tabulate() -> bool:
 def write_local(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def log_calibration(uri: str, experiment: str, rubric: Path, labels: Path, result: dict[str, Any], text: str) -> str:
+    """One MLflow run per ``selftune calibrate``: the agreement figures as metrics (with interval ends),
+    the rubric, and the report as JSON and text. Returns the run id."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=f"calibrate-{rubric.stem}", tags={"selftune.kind": "calibrate"})
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    parts = [("calibrate", result["all"])]
+    if "align" in result:
+        parts += [("align/before", result["align"]["before"]), ("align/after", result["align"]["after"])]
+    parts += [(f"member/{name}", agg) for name, agg in result.get("members", {}).items()]
+    metrics += [Metric(f"panel/{k}", float(v), now, 0) for k, v in result.get("panel_agreement", {}).items()]
+    for prefix, agg in parts:
+        for name, a in agg.items():
+            for key in ("kappa", "spearman", "exact_agreement"):
+                if a[key] is not None:
+                    metrics.append(Metric(f"{prefix}/{name}/{key}", float(a[key]), now, 0))
+            for key in ("kappa_ci95", "spearman_ci95"):
+                lo, hi = a[key]
+                if lo is not None:
+                    metrics += [Metric(f"{prefix}/{name}/{key}_low", float(lo), now, 0),
+                                Metric(f"{prefix}/{name}/{key}_high", float(hi), now, 0)]
+            metrics.append(Metric(f"{prefix}/{name}/n", float(a["n"]), now, 0))
+    client.log_batch(rid, metrics=metrics)
+    client.log_param(rid, "labels", str(labels))
+    client.log_param(rid, "rubric", str(rubric))
+    client.log_artifact(rid, str(rubric), "config")
+    client.log_dict(rid, result, "agreement.json")
+    client.log_text(rid, text, "agreement.txt")
+    client.set_terminated(rid, "FINISHED")
+    return rid

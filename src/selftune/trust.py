@@ -10,8 +10,8 @@
 - with a judge panel (``judge.models``): how often its members agree on pass/fail, per LLM criterion
   and pooled (``agreement/rate``; ``disagreement_rate`` is its complement).
 
-Below the bar (``judge.trust``) the tune says so, promotes on deterministic criteria only, and the
-report states it.
+Below the bar (``judge.trust``) the tune says so, and ``objective_for`` makes the objective that both
+the optimizer and the gate then follow: the deterministic criteria only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .judge import Judge
 from .lm import Role
 from .records import Evaluation, Judgment
 from .reliability import length_correlation, panel_agreement, retest_stats, swap_consistency
-from .rubric import CheckCriterion, LLMCriterion, RagasCriterion, Rubric
+from .objective import Objective, checks_only, pairwise, whole_rubric
+from .rubric import LLMCriterion, RagasCriterion, Rubric
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,14 @@ class Monitor:
     def retest(self, evals: list[Evaluation]) -> dict[str, float]:
         """Re-judge up to ``retest_sample`` items (cache bypassed, new fences); flip rate and score SD
         pooled over the model-scored criteria, and per criterion."""
-        if not self.model_scored or self.spec.retest_sample == 0 or not self.judge.roles:
+        panel = self.judge.panel
+        if not self.model_scored or self.spec.retest_sample == 0 or panel is None:
             return {}
         items = [j for ev in evals for j in ev.judgments if j.answer.error is None]
         rng = random.Random(self.seed)
         sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
         again = self.judge.variant(roles=[Role(r.name, r.lm.copy(cache=False), r.adapter, r.local)
-                                          for r in self.judge.roles], seed=self.seed + 7919)
+                                          for r in panel.roles], seed=self.seed + 7919)
         first_all: list[float] = []
         second_all: list[float] = []
         out: dict[str, float] = {}
@@ -89,7 +91,8 @@ class Monitor:
         """Candidate vs incumbent on shared validation probes, per LLM criterion, in both orders.
         Returns this round's swap consistency and, per probe, the candidate's order-averaged win
         probability per criterion (the pairwise promotion signal)."""
-        if not self.llm or not self.judge.roles:
+        panel = self.judge.panel
+        if not self.llm or panel is None:
             return {}
         inc = {j.answer.probe.id: j for j in incumbent.judgments if j.answer.error is None}
         pairs = [(j, inc[j.answer.probe.id]) for j in candidate.judgments
@@ -100,8 +103,8 @@ class Monitor:
         prefs: dict[str, dict[str, float]] = {}
         for cand, old in pairs:
             for c in self.llm:
-                v1, p1, _ = self.judge.compare(c, cand.answer, old.answer)   # candidate shown as A
-                v2, p2, _ = self.judge.compare(c, old.answer, cand.answer)   # candidate shown as B
+                v1, p1, _ = panel.compare(c, cand.answer, old.answer)   # candidate shown as A
+                v2, p2, _ = panel.compare(c, old.answer, cand.answer)   # candidate shown as B
                 if p1 is None or p2 is None:  # a failed comparison is counted, never taken as a tie
                     self.stats["swap/invalid"] = self.stats.get("swap/invalid", 0.0) + 1
                     continue
@@ -166,22 +169,11 @@ class Monitor:
         return not why, why
 
 
-def deterministic_names(rubric: Rubric) -> set[str]:
-    """Criteria no model scores: checks and ragas's non-LLM metrics."""
-    from .ragas_metrics import LLM_METRICS
-
-    return {c.name for c in rubric.criteria if isinstance(c, CheckCriterion)
-            or (isinstance(c, RagasCriterion) and c.metric not in LLM_METRICS)}
-
-
-def deterministic_overall(rubric: Rubric, j: Judgment, flag_cap: float | None) -> float | None:
-    """An item's overall from its check criteria only (must-not caps and the flag cap still apply)."""
-    names = deterministic_names(rubric)
-    scores = {n: s for n, s in j.scores.items() if n in names}
-    if not scores or j.answer.error is not None:
-        return None
-    rules = [r for r in rubric.must_not if r.name in j.capped_by]
-    overall, _ = rubric.aggregate(scores, rules, only=names)
-    if overall is not None and j.flags and flag_cap is not None:
-        overall = min(overall, flag_cap)
-    return overall
+def objective_for(rubric: Rubric, trusted: bool, why: list[str], mode: str, flag_cap: float | None) -> Objective:
+    """The signal the judge has earned: every criterion (pointwise, or pairwise with
+    ``judge.mode: pairwise``) within the trust bar; the deterministic criteria only below it."""
+    if not trusted:
+        return checks_only(rubric, flag_cap, "; ".join(why))
+    if mode == "pairwise" and rubric.llm_criteria():
+        return pairwise(rubric, flag_cap)
+    return whole_rubric(rubric, flag_cap)

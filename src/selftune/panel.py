@@ -1,0 +1,255 @@
+"""The LLM panel: one judge model, or several, scoring LLM criteria and comparing answers.
+
+Each member scores every LLM criterion (or criterion group: one structured output per item, a
+rationale before each score); the members' scores combine by ``aggregate`` (mean, median or min, the
+strictest) and each member's raw score is kept in ``Score.by_judge``. Two methods, per member:
+
+- ``logprobs`` (default on the embedded model): the judge writes a one-sentence rationale, then the
+  score is the expectation of the scale levels under the next-token probabilities after
+  ``Score (lo-hi): `` (G-Eval). One forward pass, no sampling, always a valid score.
+- ``json``: rationale and score as one JSON object (schema-constrained on the embedded model,
+  parsed leniently from a hosted model).
+
+Pairwise: which of two answers better meets a criterion, P(first wins) averaged over the members.
+A reply with no usable score is ``None`` here and recorded ``invalid`` by the grader (never 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from typing import Any, Literal
+
+from dspy.lm15 import Config as LMConfig
+from dspy.lm15 import Message, Request
+
+from .lm import Role, ask_json, parse_json_object
+from .prompts import PAIR_SCHEMA, criterion_prompt, group_schema, pairwise_prompt, score_schema
+from .records import Answer, Score
+from .rubric import LLMCriterion
+
+log = logging.getLogger(__name__)
+_SCORE = re.compile(r"score\"?\s*[:=]\s*\**\s*(\d+)", re.I)
+_RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
+TIE_MARGIN = 0.05
+AGGREGATES = ("mean", "median", "min")
+METHODS = ("auto", "logprobs", "json")
+Verdict = Literal["A", "B", "tie"]
+
+
+def combine(values: list[float], how: str) -> float:
+    """A panel's scores as one: their mean, median or minimum (the strictest judge)."""
+    if how == "min":
+        return min(values)
+    if how == "median":
+        v = sorted(values)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return sum(values) / len(values)
+
+
+def choice_probability(logprobs: Any, a: str, b: str) -> float | None:
+    """P(a) / (P(a) + P(b)) from the first token's alternatives; None when neither appears."""
+    import math
+
+    if not logprobs:
+        return None
+    mass = {a: 0.0, b: 0.0}
+    for alt in logprobs[0].top or ():
+        tok = alt.token.strip()
+        if tok in mass:
+            mass[tok] += math.exp(alt.logprob)
+    total = mass[a] + mass[b]
+    return mass[a] / total if total > 1e-6 else None
+
+
+def scale_expectation(logprobs: Any, lo: int, hi: int, min_mass: float = 1e-3) -> float | None:
+    """Expected level under the renormalized probabilities of the scale's tokens at the first
+    position; None when the scale tokens carry (almost) no probability or none were reported."""
+    import math
+
+    if not logprobs:
+        return None
+    mass: dict[int, float] = {}
+    for alt in logprobs[0].top or ():
+        tok = alt.token.strip()
+        if tok.isdigit() and lo <= int(tok) <= hi:
+            mass[int(tok)] = mass.get(int(tok), 0.0) + math.exp(alt.logprob)
+    total = sum(mass.values())
+    if total < min_mass:
+        return None
+    return sum(level * p for level, p in mass.items()) / total
+
+
+def parse_score(text: str, lo: int, hi: int) -> tuple[int | None, str]:
+    obj = parse_json_object(text)
+    sc = obj.get("score") if obj is not None else None
+    if isinstance(sc, (int, float, str)) and not isinstance(sc, bool):
+        try:
+            v = float(sc)
+        except ValueError:
+            v = float("nan")
+        if v == v and v == int(v):
+            return (int(v) if lo <= v <= hi else None), str(obj.get("rationale", "")).strip()[:1000]  # type: ignore[union-attr]
+    m = _SCORE.search(text)
+    r = _RATIONALE.search(text)
+    rationale = (r.group(1) if r else text).strip()[:1000]
+    if not m:
+        return None, rationale
+    v = int(m.group(1))
+    return (v if lo <= v <= hi else None), rationale
+
+
+
+class Panel:
+    """The judge models of a run (``roles``, the first is the primary) and how each is asked
+    (``method``: auto = logprobs on the embedded model, JSON from a hosted one)."""
+
+    def __init__(self, roles: list[Role], seed: int = 0, method: str = "auto", aggregate: str = "mean"):
+        if not roles:
+            raise ValueError("a panel needs at least one judge model")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {aggregate!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        self.roles, self.method, self.aggregate = list(roles), method, aggregate
+        # members' names, unique (they key Score.by_judge): "judge", "judge2", ...
+        self.names = [r.name if [x.name for x in roles].count(r.name) == 1 else f"{r.name}#{i + 1}"
+                      for i, r in enumerate(roles)]
+        self.methods = [method if method != "auto" else ("logprobs" if r.local else "json") for r in roles]
+        for r, m in zip(roles, self.methods):
+            if m == "logprobs" and not r.local:
+                log.warning("judge.method logprobs on hosted model %s: it needs a provider that continues an "
+                            "assistant prefill and returns top-20 logprobs (e.g. vLLM); items it cannot score "
+                            "are recorded invalid (see the valid-score rate)", r.lm.model)
+        self.rng = random.Random(seed)
+
+    @property
+    def primary(self) -> Role:
+        return self.roles[0]
+
+    def variant(self, roles: list[Role] | None = None, seed: int = 0) -> Panel:
+        """The same panel with other roles (e.g. the response cache bypassed) and a new fence seed."""
+        return Panel(roles if roles is not None else self.roles, seed=seed, method=self.method,
+                     aggregate=self.aggregate)
+
+    def score_group(self, cs: list[LLMCriterion], answer: Answer, flags: tuple[str, ...] = ()) -> dict[str, Score]:
+        """LLM criteria scored together: one structured output per item and member, a rationale
+        before each criterion's score. ``flags`` (the item's attack flags) are recorded on each Score."""
+        per_member = [self._score_one(role, method, cs, answer) for role, method in zip(self.roles, self.methods)]
+        out: dict[str, Score] = {}
+        for k, c in enumerate(cs):
+            single = [member[k] for member in per_member]
+            if len(single) == 1:
+                raw, rationale = single[0]
+                out[c.name] = (Score(status="invalid", rationale=rationale, flags=flags) if raw is None else
+                               Score(value=c.scale.normalize(raw), raw=raw, rationale=rationale, flags=flags))
+                continue
+            by_judge = {name: raw for name, (raw, _) in zip(self.names, single)}
+            rationale = " | ".join(f"[{name}] {r}" for name, (_, r) in zip(self.names, single))[:2000]
+            valid = [raw for raw, _ in single if raw is not None]
+            if not valid:  # every member failed; one valid member is enough (the others are counted)
+                out[c.name] = Score(status="invalid", rationale=rationale, flags=flags, by_judge=by_judge)
+                continue
+            raw = combine(valid, self.aggregate)
+            out[c.name] = Score(value=c.scale.normalize(raw), raw=raw, rationale=rationale, flags=flags,
+                                by_judge=by_judge)
+        return out
+
+    def _score_one(self, role: Role, method: str, cs: list[LLMCriterion],
+                   answer: Answer) -> list[tuple[float | None, str]]:
+        """Per criterion, (raw score on its scale or None, rationale) from one judge model."""
+        token = f"DATA-{self.rng.getrandbits(48):012x}"
+        system, user = (m["content"] for m in criterion_prompt(cs if len(cs) > 1 else cs[0], answer, token))
+        try:
+            if method == "logprobs":
+                return self._by_logprobs(role, system, user, cs)
+            if len(cs) == 1:
+                lo, hi = cs[0].scale.min, cs[0].scale.max
+                _, text = ask_json(role, system, [("user", user)], score_schema(lo, hi))
+                raw, rationale = parse_score(text, lo, hi)
+                return [(raw, rationale if raw is not None else f"no score in judge output: {text[:200]!r}")]
+            budget = role.lm.kwargs.get("max_tokens") or 128
+            obj, text = ask_json(role, system, [("user", user)], group_schema(cs), max_tokens=budget * len(cs))
+            out: list[tuple[float | None, str]] = []
+            for c in cs:
+                part = (obj or {}).get(c.name)
+                raw, rationale = parse_score(json.dumps(part), c.scale.min, c.scale.max) if isinstance(part, dict) \
+                    else (None, "")
+                out.append((raw, rationale if raw is not None else f"no {c.name} score in judge output: {text[:200]!r}"))
+            return out
+        except Exception as err:
+            return [(None, f"judge call failed: {type(err).__name__}: {err}"[:300])] * len(cs)
+
+    @staticmethod
+    def _by_logprobs(role: Role, system: str, user: str,
+                     cs: list[LLMCriterion]) -> list[tuple[float | None, str]]:
+        """Per criterion, a one-line rationale, then E[level] under the scale tokens' next-token
+        probabilities (G-Eval). A group is one assistant turn built criterion by criterion, the
+        rounded level written in before the next one (each rationale sees the verdicts before it;
+        the KV cache is reused)."""
+        lm = role.lm
+        ask = ("Write one sentence of rationale, then the score." if len(cs) == 1 else
+               "For each criterion in turn, write one sentence of rationale, then the score.")
+        prompt = (Message.user(f"{user}\n\n{ask}"),)
+        done, out = "", []
+        for c in cs:
+            lo, hi = c.scale.min, c.scale.max
+            head = done + (f"Criterion {c.name}:\n" if len(cs) > 1 else "")
+            # The rationale is prefilled with its subject so a small model writes a sentence about the
+            # answer (left open, SmolLM2 often emits a blank line and nothing else); one line is kept.
+            first = lm(Request(model=lm.model, system=system,
+                               messages=(*prompt, Message.assistant(f"{head}Rationale: The answer")),
+                               config=LMConfig(max_tokens=lm.kwargs.get("max_tokens"), temperature=0.0,
+                                               stop=("\n", "Score"))))
+            rationale = ("The answer" + (first.text or "").split("<<")[0]).strip()
+            prefill = f"{head}Rationale: {rationale}\nScore ({lo}-{hi}): "
+            second = lm(Request(model=lm.model, system=system, messages=(*prompt, Message.assistant(prefill)),
+                                config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))
+            raw = scale_expectation(second.logprobs, lo, hi)
+            out.append((raw, rationale))
+            done = f"{prefill}{round(raw) if raw is not None else '?'}\n\n"
+        return out
+
+    def compare(self, c: LLMCriterion, first: Answer, second: Answer) -> tuple[Verdict, float | None, str]:
+        """Which of two answers to the same probe better meets ``c``: (verdict, P(first wins), rationale).
+
+        ``first`` is shown as A. On the local model P(A) is read from the next-token probabilities of
+        ``A`` and ``B`` after ``Better answer:``; a hosted judge replies in JSON. A panel's P(A) is the
+        mean over the members that gave one. Judging both orders (``compare(c, x, y)`` and
+        ``compare(c, y, x)``) measures position bias."""
+        if not self.roles:
+            raise ValueError("no judge model")
+        results = [self._compare_one(role, method, c, first, second) for role, method in zip(self.roles, self.methods)]
+        ps = [p for p, _ in results if p is not None]
+        rationale = " | ".join(r for _, r in results) if len(results) == 1 else \
+            " | ".join(f"[{name}] {r}" for name, (_, r) in zip(self.names, results))
+        if not ps:
+            return "tie", None, rationale[:1000]
+        p_a = sum(ps) / len(ps)
+        verdict: Verdict = "A" if p_a > 0.5 + TIE_MARGIN else "B" if p_a < 0.5 - TIE_MARGIN else "tie"
+        return verdict, p_a, rationale[:1000]
+
+    def _compare_one(self, role: Role, method: str, c: LLMCriterion, first: Answer,
+                     second: Answer) -> tuple[float | None, str]:
+        token = f"DATA-{self.rng.getrandbits(48):012x}"
+        system, user = (m["content"] for m in pairwise_prompt(c, first, second, token))
+        try:
+            if method == "logprobs":
+                lm = role.lm
+                out = lm(Request(model=lm.model, system=system,
+                                 messages=(Message.user(user), Message.assistant("Better answer:")),
+                                 config=LMConfig(max_tokens=1, temperature=0.0, logprobs=20)))
+                p_a = choice_probability(out.logprobs, "A", "B")
+                if p_a is None:
+                    return None, "no A/B probability in the judge's next token"
+                return p_a, f"P(A) = {p_a:.2f}"
+            obj, text = ask_json(role, system, [("user", user)], PAIR_SCHEMA)
+            winner = str((obj or {}).get("winner", "")).strip()
+            if winner not in ("A", "B", "tie"):
+                return None, f"no verdict in judge output: {text[:200]!r}"
+            return {"A": 1.0, "B": 0.0, "tie": 0.5}[winner], str((obj or {}).get("rationale", ""))[:1000]
+        except Exception as err:
+            return None, f"judge call failed: {type(err).__name__}: {err}"[:300]
