@@ -1,17 +1,19 @@
 """The judge is measured during every tune; below the trust bar it may not steer promotion."""
 
 import itertools
-import re
 import json
+import random
+import re
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FakeModels, fake_role, no_progress, write_config
+from conftest import ROOT, FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
 from selftune.records import Answer, Chunk, Judgment, Probe, Score
 from selftune.rubric import load_rubric
+from selftune.checks import token_f1
 from selftune.tracking import MlflowTracker, report
 from selftune.objective import checks_only
 
@@ -25,21 +27,60 @@ def run_with_judge(tmp_path, corpus_dir, judge_script, **over):
     return cfg, tune(session, 2, tracker, no_progress), tracker
 
 
-def steady(m):
+FEW = "{trust: {min_items: 3}}"  # the unit tune has a handful of items; the default bar wants 10
+
+
+def fenced(text, label):
+    """The data inside one fenced block of a judge prompt."""
+    m = re.search(rf"^{label}:\n<<(\S+)>>\n(.*?)\n<</\1>>", text, re.S | re.M)
+    return m.group(2) if m else ""
+
+
+def reader(m):
+    """A judge that reads: its score follows the answer's token F1 with the reference; of two answers
+    it prefers the longer one, in either order."""
+    user = m[-1]["content"]
     if "compare two answers" in m[0]["content"]:
-        return json.dumps({"rationale": "same", "winner": "tie"})
-    return json.dumps({"rationale": "fine", "score": 4})
+        a, b = len(fenced(user, "Answer A")), len(fenced(user, "Answer B"))
+        return json.dumps({"rationale": "fuller", "winner": "A" if a > b else "B" if b > a else "tie"})
+    f1 = token_f1(fenced(user, "Answer to grade"), fenced(user, "Reference answer"))
+    return json.dumps({"rationale": "as close as the reference", "score": 1 + round(4 * f1)})
 
 
-def test_steady_judge_is_measured_and_trusted(tmp_path, corpus_dir):
-    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, steady)
+def test_a_reading_judge_is_trusted_once_measured(tmp_path, corpus_dir):
+    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, reader, judge=FEW)
     st = result.stats
     assert st["judge/retest/flip_rate"] == 0.0 and st["judge/retest/score_sd"] == 0.0 and st["judge/retest/n"] > 0
-    assert st["judge/swap/consistency"] == 1.0 and st["judge/trusted"] == 1.0
-    assert all(r.trusted for r in result.rounds)
-    assert "judge within the trust bar" in report(result)
+    assert st["judge/swap/consistency"] == 1.0 and st["judge/valid/grounded/rate"] == 1.0
+    assert st["judge/discrimination/grounded/reference"] > 0.9 and st["judge/spread/grounded"] > 0.05
+    assert st["judge/trusted"] == 1.0 and st["judge/verdict"].state == "trusted"
+    assert not result.rounds[0].trusted  # no position-consistency figure yet after the baseline: unproven
+    assert "judge unproven (" in result.rounds[1].gate.reason or result.rounds[1].trusted
+    text = report(result)
+    assert "judge within the trust bar" in text and "## Judge trust bar: trusted" in text
+    for figure, bar in (("grounded valid-score rate", ">= 0.95"), ("test-retest flip rate", "<= 0.25"),
+                        ("swap consistency", ">= 0.6"), ("grounded score spread (SD)", ">= 0.05"),
+                        ("grounded rank rho with reference", ">= 0.2"), ("grounded length correlation", "|r| <= 0.6")):
+        row = rf"^\| {re.escape(figure)} \| [-+0-9.]+ \| {re.escape(bar)} \| \d+ \| ok \|$"
+        assert re.search(row, text, re.M), figure
     parent = MlflowClient(cfg.tracking_uri()).get_run(tracker.parent_id)
     assert parent.data.metrics["judge/trusted"] == 1.0 and "judge/retest/score_sd" in parent.data.metrics
+    assert parent.data.tags["selftune.judge_state"] == "trusted" and parent.data.metrics["judge/valid_rate"] == 1.0
+
+
+def test_a_judge_measured_on_too_few_items_is_unproven_and_decides_nothing(tmp_path, corpus_dir):
+    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, reader)  # default bar: 10 items per figure
+    verdict = result.stats["judge/verdict"]
+    assert verdict.state == "unproven" and result.stats["judge/trusted"] == 0.0
+    assert any("fewer than trust.min_items 10" in r for r in verdict.reasons)
+    for r in result.rounds[1:]:
+        assert not r.trusted and r.gate.reason.startswith("judge unproven (")
+        assert "deterministic criteria only" in r.gate.reason and "grounded" not in r.gate.criterion_deltas
+    text = report(result)
+    assert "JUDGE UNPROVEN (" in text and "BELOW THE TRUST BAR" not in text
+    assert "not counted yet (needs 10 items)" in text
+    parent = MlflowClient(cfg.tracking_uri()).get_run(tracker.parent_id)
+    assert parent.data.tags["selftune.judge_state"] == "unproven"
 
 
 def test_fickle_judge_falls_below_the_bar_and_only_checks_promote(tmp_path, corpus_dir):
@@ -50,7 +91,7 @@ def test_fickle_judge_falls_below_the_bar_and_only_checks_promote(tmp_path, corp
             return json.dumps({"rationale": "x", "winner": "tie"})
         return json.dumps({"rationale": "whim", "score": next(scores)})
 
-    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, fickle)
+    cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, fickle, judge=FEW)
     assert result.stats["judge/retest/flip_rate"] > 0.25
     assert result.stats["judge/trusted"] == 0.0 and "flip rate" in result.stats["judge/untrusted_because"]
     for r in result.rounds[1:]:
@@ -73,22 +114,17 @@ def test_position_biased_judge_fails_swap_consistency(tmp_path, corpus_dir):
             return json.dumps({"rationale": "A is first", "winner": "A"})
         return json.dumps({"rationale": "fine", "score": 4})
 
-    _, result, _ = run_with_judge(tmp_path, corpus_dir, first_wins)
+    _, result, _ = run_with_judge(tmp_path, corpus_dir, first_wins, judge=FEW)
     assert result.stats["judge/swap/consistency"] == 0.0
     assert result.stats["judge/trusted"] == 0.0 and "swap consistency" in result.stats["judge/untrusted_because"]
 
 
 def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_dir):
-    def prefers_quotes(m):
-        # FakeModels' optimizer rewrites instructions to "Quote ..."; this judge prefers the longer
-        # answer in both orders, which is consistent, so it stays trusted.
-        if "compare two answers" in m[0]["content"]:
-            text = m[-1]["content"]
-            a, b = (re.search(rf"^Answer {x}:\n<<(\S+)>>\n(.*?)\n<</\1>>", text, re.S | re.M).group(2) for x in "AB")
-            return json.dumps({"rationale": "fuller", "winner": "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"})
-        return json.dumps({"rationale": "fine", "score": 4})
-
-    _, result, _ = run_with_judge(tmp_path, corpus_dir, prefers_quotes, judge="{mode: pairwise}")
+    # FakeModels' optimizer rewrites instructions to "Quote ..."; the reader prefers the longer answer
+    # in both orders, which is consistent, so it is trusted once the first round has measured it
+    # (the two validation probes give two comparisons a round; its length bias is not under test).
+    _, result, _ = run_with_judge(tmp_path, corpus_dir, reader,
+                                  judge="{mode: pairwise, trust: {min_items: 2, max_length_corr: null}}")
     assert result.stats["judge/swap/consistency"] == 1.0
     for r in result.rounds[1:]:
         assert r.gate.reason.startswith("pairwise: ")
@@ -110,28 +146,30 @@ def test_failed_pairwise_comparisons_are_counted_not_ties(tmp_path, corpus_dir):
     assert result.stats["judge/trusted"] == 0.0 and "comparisons failed" in result.stats["judge/untrusted_because"]
 
 
-def scoring(score):
+def rescored(f):
+    """The reader, its score passed through ``f``."""
     def script(m):
         if "compare two answers" in m[0]["content"]:
-            return json.dumps({"rationale": "same", "winner": "tie"})
-        return json.dumps({"rationale": "fine", "score": score})
+            return reader(m)
+        return json.dumps({"rationale": "fine", "score": f(json.loads(reader(m))["score"])})
     return script
 
 
-@pytest.mark.parametrize("second, agree", [(5, 1.0), (2, 0.0)])
+@pytest.mark.parametrize("second, agree", [(lambda s: s, 1.0), (lambda s: 1 if s >= 3 else 5, 0.0)])
 def test_judge_panel_agreement_is_measured_and_gates_trust(tmp_path, corpus_dir, second, agree):
-    cfg = load_config(write_config(tmp_path, corpus_dir, judge="{models: [local, local]}"))
+    cfg = load_config(write_config(tmp_path, corpus_dir, judge="{models: [local, local], trust: {min_items: 3}}"))
     models = FakeModels()
-    models.roles["judge"] = fake_role(scoring(4), name="judge")
-    models.roles["judge2"] = fake_role(scoring(second), name="judge2")
+    models.roles["judge"] = fake_role(reader, name="judge")
+    models.roles["judge2"] = fake_role(rescored(second), name="judge2")
     tracker = MlflowTracker(cfg)
     result = tune(Session(cfg, models=models), 2, tracker, no_progress)
     st = result.stats
-    # 4 is a pass (0.75 on [0, 1]); 5 agrees with it, 2 (0.25) does not, on every item
+    # the second judge repeats the first, or turns each pass (3 and up) into a fail and back, on every item
     assert st["judge/agreement/rate"] == agree and st["judge/agreement/grounded/rate"] == agree
     assert st["judge/agreement/disagreement_rate"] == 1 - agree and st["judge/agreement/n"] > 0
     j = result.rounds[0].val.judgments[0].scores["grounded"]
-    assert j.by_judge == {"judge": 4, "judge2": second} and j.raw == (4 + second) / 2
+    first = j.by_judge["judge"]
+    assert j.by_judge == {"judge": first, "judge2": second(first)} and j.raw == (first + second(first)) / 2
     assert st["judge/trusted"] == float(agree == 1.0)
     if agree == 0.0:
         assert "judges agree on 0.00 of items < 0.6" in st["judge/untrusted_because"]
@@ -169,7 +207,7 @@ def test_ragas_llm_metrics_are_retested_and_length_checked():
     assert out["retest/faithful/n"] == 3 and out["retest/faithful/flip_rate"] == 1.0 and out["retest/flip_rate"] == 1.0
     monitor.observe([evs])
     assert "length_corr/faithful" not in monitor.stats  # every score is 1.0: no correlation defined
-    assert not monitor.verdict()[0]
+    assert not monitor.verdict().trusted
 
 
 def test_below_the_bar_the_optimizer_is_shown_only_deterministic_failures(tmp_path, corpus_dir):
@@ -187,3 +225,99 @@ def test_below_the_bar_the_optimizer_is_shown_only_deterministic_failures(tmp_pa
     assert result.stats["judge/trusted"] == 0.0
     prompts = [c["messages"][-1]["content"] for c in models.roles["optimizer"].engine.calls]
     assert prompts and not any("grounded: whim" in p for p in prompts)
+
+
+# --- The bar against judges whose truth is known: four scripted judges on the shipped labelled items ---
+
+LABELS = ROOT / "datasets/labels/pyref-labels.jsonl"
+
+
+def labelled_judge(m):
+    """Reproduces the shipped human labels: the grounded level a person gave this answer; of two
+    answers, the one a person rated higher (a tie when equal)."""
+    level = {json.loads(line)["answer"]: json.loads(line)["labels"]["grounded"] for line in LABELS.open()}
+    user = m[-1]["content"]
+    if "compare two answers" in m[0]["content"]:
+        a, b = level[fenced(user, "Answer A")], level[fenced(user, "Answer B")]
+        return json.dumps({"rationale": "as a person rated them", "winner": "A" if a > b else "B" if b > a else "tie"})
+    return json.dumps({"rationale": "as a person rated it", "score": level[fenced(user, "Answer to grade")]})
+
+
+def random_judge(seed=0):
+    rng = random.Random(seed)
+
+    def script(m):
+        if "compare two answers" in m[0]["content"]:
+            return json.dumps({"rationale": "coin", "winner": rng.choice("AB")})
+        return json.dumps({"rationale": "dice", "score": rng.randint(1, 5)})
+    return script
+
+
+def constant_judge(m):
+    if "compare two answers" in m[0]["content"]:
+        return json.dumps({"rationale": "both fine", "winner": "tie"})
+    return json.dumps({"rationale": "fine", "score": 4})
+
+
+def prose_judge(m):
+    return "This answer looks good to me and I would rate it highly."
+
+
+def bar_on_labels(script):
+    """The trust monitor run over the 44 labelled items, as a tune runs it: every item judged and
+    observed, 20 re-judged, the labels' kappa, and 22 candidate-vs-incumbent comparisons in both
+    orders (two answers to the same question); then the verdict."""
+    from selftune.calibrate import read_items, to_answer
+    from selftune.config import JudgeSpec
+    from selftune.judge import Judge
+    from selftune.records import Evaluation
+    from selftune.trust import Monitor
+
+    rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
+    rows = read_items(LABELS, rubric, need_labels=True)
+    judge = Judge(rubric, fake_role(script))
+    monitor = Monitor(rubric, judge, JudgeSpec(retest_sample=20, trust={"labels": LABELS}), seed=3)
+    questions = sorted({r["question"] for r in rows})
+    answers: dict[str, list] = {}
+    for i, r in enumerate(rows):  # probe id = the question, so answers to one question pair up
+        a = to_answer(r, i)
+        answers.setdefault(r["question"], []).append(
+            a.model_copy(update={"probe": a.probe.model_copy(update={"id": f"q{questions.index(r['question'])}"})}))
+    evs = [Evaluation(params={}, split="val", judgments=tuple(judge.judge(answers[q][k]) for q in questions))
+           for k in range(4)]
+    monitor.observe(evs)
+    monitor.retest(evs)
+    monitor.calibrate()
+    monitor.compare(evs[0], evs[1], None)
+    monitor.compare(evs[2], evs[3], None)
+    return monitor.verdict(), monitor.stats
+
+
+@pytest.mark.parametrize("name, script, reason", [
+    ("constant", constant_judge, "grounded says the same thing to everything (score SD 0.000 < 0.05 over 44 items)"),
+    ("random", random_judge(), "flip rate "),
+    ("never parses", prose_judge, "grounded valid-score rate 0.00 < 0.95 (0 of 44 items scored)"),
+])
+def test_scripted_judges_that_cannot_be_trusted_are_refused_for_the_stated_reason(name, script, reason):
+    verdict, stats = bar_on_labels(script)
+    assert verdict.state == "untrusted", (name, verdict.reasons)
+    assert any(r.startswith(reason) for r in verdict.reasons), (name, verdict.reasons)
+    if name == "random":  # blind as well as fickle: it ranks nothing as the reference or the humans do
+        assert stats["retest/flip_rate"] > 0.25
+        assert any("does not rank answers as reference" in r for r in verdict.reasons)
+        assert any("kappa" in r for r in verdict.reasons)
+    if name == "constant":
+        assert "discrimination/grounded/reference" not in stats  # undefined for a constant: spread says it
+        assert any(r.startswith("grounded agrees with human labels at kappa +0.00") for r in verdict.reasons)
+
+
+def test_a_judge_that_reproduces_the_human_labels_is_trusted():
+    verdict, stats = bar_on_labels(labelled_judge)
+    assert verdict.state == "trusted" and verdict.reasons == (), verdict.reasons
+    assert stats["valid/grounded/rate"] == 1.0 and stats["retest/flip_rate"] == 0.0 and stats["swap/consistency"] == 1.0
+    assert stats["kappa/grounded"] == 1.0 and stats["kappa/grounded/n"] == 44
+    assert stats["discrimination/grounded/reference"] == pytest.approx(0.704, abs=0.01)  # the humans' own rho
+    assert "discrimination/grounded/retrieval" not in stats  # labelled items have no known source span
+    counted = {f.label for f in verdict.figures if f.counts}
+    assert {"grounded valid-score rate", "test-retest flip rate", "swap consistency", "grounded score spread (SD)",
+            "grounded rank rho with reference", "grounded kappa with human labels"} <= counted

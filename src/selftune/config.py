@@ -121,13 +121,26 @@ class GateSpec(Strict):
 
 
 class TrustSpec(Strict):
-    """The bar the judge must clear for its scores to steer promotion (else: checks only)."""
+    """The bar the judge must clear for its scores to steer promotion (else: checks only). A judge is
+    *unproven* (and steers nothing either) until test-retest, position consistency, discrimination
+    and, with ``labels``, agreement with them rest on at least ``min_items`` items each."""
 
+    min_valid: float = Field(0.95, ge=0.0, le=1.0,
+                             description="per model-scored criterion: share of items validly scored")
+    min_items: int = Field(10, ge=1, le=10000, description="items a figure must rest on before it counts")
     max_flip_rate: float = Field(0.25, ge=0.0, le=1.0)
     min_swap_consistency: float = Field(0.6, ge=0.0, le=1.0)
+    min_spread: float = Field(
+        0.05, ge=0.0, le=0.5, description="per LLM criterion: SD of its [0, 1] scores across items (below: says the "
+                                          "same thing to everything)")
+    min_discrimination: float = Field(
+        0.2, ge=-1.0, le=1.0, description="per LLM criterion: Spearman's rho with each signal it `tracks` "
+                                          "(reference agreement, retrieval hit)")
     max_length_corr: float | None = Field(0.6, ge=0.0, le=1.0)
     min_agreement: float | None = Field(
         0.6, ge=0.0, le=1.0, description="with judge.models: the share of items on which the judges agree (pass/fail)")
+    labels: Path | None = Field(None, description="JSONL of human-labelled items (as for `selftune calibrate`)")
+    min_kappa: float = Field(0.4, ge=-1.0, le=1.0, description="with labels: Cohen's kappa per labelled LLM criterion")
 
 
 class JudgeSpec(Strict):
@@ -144,7 +157,7 @@ class JudgeSpec(Strict):
     mode: Literal["pointwise", "pairwise"] = Field(
         "pointwise", description="pairwise: LLM criteria promote by candidate-vs-incumbent comparisons in both orders")
     flag_cap: float | None = Field(0.0, ge=0.0, le=1.0, description="cap on an answer flagged as gaming the judge")
-    retest_sample: int = Field(8, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
+    retest_sample: int = Field(10, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
     swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
     trust: TrustSpec = TrustSpec()
 
@@ -206,12 +219,16 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
         "workdir": rel(cfg.workdir), "rubric": rel(cfg.rubric),
         "corpus": cfg.corpus.model_copy(update={"path": corpus_path}),
         "probes": cfg.probes.model_copy(update={"file": rel(cfg.probes.file) if cfg.probes.file else None}),
+        "judge": cfg.judge.model_copy(update={"trust": cfg.judge.trust.model_copy(
+            update={"labels": rel(cfg.judge.trust.labels) if cfg.judge.trust.labels else None})}),
     })
     key = "corpus.path" if corpus is None else "--corpus"
     if not corpus_path.is_dir():
         raise InputError(path, key, f"expected an existing folder of documents, got {corpus_path}")
     if not cfg.rubric.is_file():
         raise InputError(path, "rubric", f"expected an existing rubric YAML file, got {cfg.rubric}")
+    if cfg.judge.trust.labels is not None and not cfg.judge.trust.labels.is_file():
+        raise InputError(path, "judge.trust.labels", f"expected an existing JSONL file, got {cfg.judge.trust.labels}")
     if cfg.probes.file is not None and not cfg.probes.file.is_file():
         raise InputError(path, "probes.file", f"expected an existing JSONL file, got {cfg.probes.file}")
     params = cfg.sut.params

@@ -172,20 +172,86 @@ def parse_json_object(text: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+JSON_MODES = ("schema", "object", "prompt")
+
+
+def json_modes(role: Role) -> tuple[str, ...]:
+    """The ways a hosted model may be asked for JSON, most constrained first, or the one it settled on:
+
+    - ``schema``: the OpenAI ``response_format`` ``json_schema`` (OpenAI, vLLM, Ollama, llama.cpp's own
+      ``llama-server``; LiteLLM maps it for other providers); skipped for a hosted model (no
+      ``api_base``) that LiteLLM knows and reports without response-schema support;
+    - ``object``: ``{"type": "json_object", "schema": ...}``, which llama-cpp-python's server
+      (``python -m llama_cpp.server``) turns into a grammar; only for a model behind an ``api_base``;
+    - ``prompt``: no response format; the JSON is asked for in the prompt and parsed leniently."""
+    if role.json_mode is not None:
+        return (role.json_mode,)
+    served = bool(role.lm.kwargs.get("api_base"))
+    modes = list(JSON_MODES)
+    if not served:
+        modes.remove("object")
+        import litellm
+
+        model = role.lm.model
+        known = model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost  # else the endpoint says
+        if known and not litellm.supports_response_schema(model=model):
+            modes.remove("schema")
+    return tuple(modes)
+
+
+def format_refused(err: Exception) -> bool:
+    """Did the endpoint refuse the request's shape (worth another JSON mode), rather than being
+    unreachable, slow, unauthorised or rate-limited (where another mode would fail the same way)?
+    llama-cpp-python's server answers an unknown ``response_format`` with HTTP 500, so any provider
+    error other than those counts as a refusal."""
+    from dspy.utils.exceptions import (LMAuthError, LMError, LMRateLimitError, LMTimeoutError,
+                                       LMTransportError)
+
+    return isinstance(err, LMError) and not isinstance(err, (LMAuthError, LMRateLimitError, LMTimeoutError,
+                                                            LMTransportError))
+
+
+def _json_config(mode: str, schema: dict[str, Any], max_tokens: int | None, temperature: Any) -> LMConfig:
+    if mode == "schema":
+        return LMConfig(max_tokens=max_tokens, temperature=temperature,
+                        response_format={"type": "json_schema", "name": "reply", "schema": schema})
+    if mode == "object":  # lm15 drops a json_object's schema, so it goes to the wire verbatim
+        return LMConfig(max_tokens=max_tokens, temperature=temperature,
+                        extensions={"response_format": {"type": "json_object", "schema": schema}})
+    return LMConfig(max_tokens=max_tokens, temperature=temperature)
+
+
 def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict[str, Any],
-             max_tokens: int | None = None) -> tuple[dict[str, Any] | None, str]:
+             max_tokens: int | None = None, mode: str | None = None) -> tuple[dict[str, Any] | None, str]:
     """One structured call: ``turns`` are (``user``|``assistant``, text), ending with a user turn.
 
-    On the local model the reply is constrained by ``schema`` (canonical lm15 ``response_format``);
-    a hosted model is asked in the prompt and parsed leniently, since not every provider honours
-    schemas. Returns (the parsed object or None, the raw text)."""
+    On the local model the reply is constrained by ``schema`` (a llama.cpp grammar). A hosted model is
+    asked in its JSON mode (``json_modes``; ``mode`` forces one): until the role has settled on one
+    (``role.json_mode``, set by the judge probe or here by the first mode the endpoint accepts), a
+    refused mode falls back to the next, down to prompt-and-parse. Every reply is parsed leniently.
+    Returns (the parsed object or None, the raw text)."""
     messages = tuple(Message.user(t) if r == "user" else Message.assistant(t) for r, t in turns)
     kw = role.lm.kwargs
-    config = LMConfig(max_tokens=max_tokens or kw.get("max_tokens"), temperature=kw.get("temperature"),
-                      response_format={"type": "json_schema", "name": "reply", "schema": schema} if role.local else None)
-    response = role.lm(Request(model=role.lm.model, system=system, messages=messages, config=config))
-    text = response.text or ""
-    return parse_json_object(text), text
+    tokens, temperature = max_tokens or kw.get("max_tokens"), kw.get("temperature")
+    if role.local:
+        config = LMConfig(max_tokens=tokens, temperature=temperature,
+                          response_format={"type": "json_schema", "name": "reply", "schema": schema})
+        text = role.lm(Request(model=role.lm.model, system=system, messages=messages, config=config)).text or ""
+        return parse_json_object(text), text
+    modes = (mode,) if mode is not None else json_modes(role)
+    for i, m in enumerate(modes):
+        try:
+            response = role.lm(Request(model=role.lm.model, system=system, messages=messages,
+                                       config=_json_config(m, schema, tokens, temperature)))
+        except Exception as err:
+            if i == len(modes) - 1 or not format_refused(err):
+                raise
+            continue
+        if mode is None and role.json_mode is None:
+            role.json_mode = m
+        text = response.text or ""
+        return parse_json_object(text), text
+    raise AssertionError("unreachable: the last mode returns or raises")
 
 
 def _schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -253,10 +319,15 @@ def _render_outputs(outs: list[str], values: dict[str, Any]) -> str:
 
 
 class Role:
-    """A role's LM with the adapter that suits it. ``local`` tells callers they may use grammars."""
+    """A role's LM with the adapter that suits it. ``local`` tells callers they may use grammars;
+    ``json_mode`` is how a hosted model is asked for JSON once known (``json_modes``)."""
 
-    def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool):
-        self.name, self.lm, self.adapter, self.local = name, lm, adapter, local
+    def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool, json_mode: str | None = None):
+        self.name, self.lm, self.adapter, self.local, self.json_mode = name, lm, adapter, local, json_mode
+
+    def with_lm(self, lm: dspy.LM) -> Role:
+        """The same role on another LM (e.g. the response cache bypassed), its JSON mode kept."""
+        return Role(self.name, lm, self.adapter, self.local, self.json_mode)
 
     def context(self) -> Any:
         return dspy.context(lm=self.lm, adapter=self.adapter)

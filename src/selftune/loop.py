@@ -19,12 +19,13 @@ from .gate import decide
 from .index import Embedder, Index
 from .judge import Judge
 from .lm import Models, check_credentials
+from .panel import check_judges, judge_keys
 from .optimize import Optimizer
 from .rag import RAG, load_system
 from .objective import checks_only
 from .records import Evaluation, GateDecision, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
-from .trust import Monitor, objective_for
+from .trust import Monitor, Verdict, objective_for
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable[Any]]
@@ -70,6 +71,13 @@ class Session:
         judges = self.models.judges() if self.rubric.needs_judge_model() else None
         self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
                            flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
+        if self.judge.panel is not None:  # a judge that cannot score stops the run before any work
+            try:
+                check_judges(self.judge.panel, next(iter(self.rubric.llm_criteria()), None),
+                             cfg.source or "config", judge_keys(cfg))
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         if isinstance(self.models, Models):
@@ -133,9 +141,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
         monitor.observe([base.train, base.val])
         monitor.retest([base.train, base.val])
-        trusted, why = monitor.verdict()
-        _say_trust(trusted, why)
-        objective = objective_for(rubric, trusted, why, cfg.judge.mode, cap)
+        monitor.calibrate()
+        verdict = monitor.verdict()
+        trusted = verdict.trusted
+        _say_trust(verdict)
+        objective = objective_for(rubric, verdict, cfg.judge.mode, cap)
         optimizer.steer(objective)
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
@@ -148,11 +158,12 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
             compared = monitor.compare(val, incumbent.val, None if pairwise_mode else cfg.judge.swap_sample)
             monitor.observe([train, val])
-            was_trusted = trusted
-            trusted, why = monitor.verdict()
-            if trusted != was_trusted:
-                _say_trust(trusted, why)
-            objective = objective_for(rubric, trusted, why, cfg.judge.mode, cap)
+            was = verdict.state
+            verdict = monitor.verdict()
+            trusted = verdict.trusted
+            if verdict.state != was:
+                _say_trust(verdict)
+            objective = objective_for(rubric, verdict, cfg.judge.mode, cap)
             optimizer.steer(objective)
             judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
             gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
@@ -178,8 +189,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                             ("test_baseline", test_base), ("test_best", test_best)):
                 if (v := checks.mean(ev)) is not None:
                     stats[f"checks/{key}"] = v
+        stats["judge/verdict"] = verdict  # the report's trust table
         if not trusted:
-            stats["judge/untrusted_because"] = "; ".join(why)
+            stats["judge/untrusted_because"] = f"{verdict.state}: " + "; ".join(verdict.reasons)
         result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
     except BaseException as err:
         observer.abort(f"{type(err).__name__}: {err}")
@@ -188,11 +200,14 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     return result
 
 
-def _say_trust(trusted: bool, why: list[str]) -> None:
-    if trusted:
+def _say_trust(verdict: Verdict) -> None:
+    why = "; ".join(verdict.reasons)
+    if verdict.trusted:
         log.info("judge within the trust bar")
+    elif verdict.state == "unproven":
+        log.warning("judge unproven (%s): promoting on deterministic criteria only until it is measured", why)
     else:
-        log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", "; ".join(why))
+        log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", why)
 
 
 def write_best(path: Path, params: Params) -> None:

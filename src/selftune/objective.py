@@ -154,8 +154,9 @@ def whole_rubric(rubric: Rubric, flag_cap: float | None) -> Objective:
     return Objective("rubric", rubric, frozenset(c.name for c in rubric.criteria), flag_cap)
 
 
-def checks_only(rubric: Rubric, flag_cap: float | None, why: str = "") -> Objective:
-    note = f"judge untrusted ({why}), deterministic criteria only" if why else "deterministic criteria only"
+def checks_only(rubric: Rubric, flag_cap: float | None, why: str = "", state: str = "untrusted") -> Objective:
+    """The deterministic criteria only; ``why`` the judge is ``state`` (untrusted or unproven) goes in the note."""
+    note = f"judge {state} ({why}), deterministic criteria only" if why else "deterministic criteria only"
     return Objective("checks", rubric, deterministic(rubric), flag_cap, note=note)
 
 

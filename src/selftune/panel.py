@@ -20,20 +20,32 @@ import json
 import logging
 import random
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request
 
-from .lm import Role, ask_json, parse_json_object
+from .errors import InputError
+from .lm import Role, ask_json, json_modes, parse_json_object
 from .prompts import PAIR_SCHEMA, criterion_prompt, group_schema, pairwise_prompt, score_schema
-from .records import Answer, Score
-from .rubric import LLMCriterion
+from .records import Answer, Chunk, Probe, Score
+from .rubric import LLMCriterion, Scale
 
 log = logging.getLogger(__name__)
 _SCORE = re.compile(r"score\"?\s*[:=]\s*\**\s*(\d+)", re.I)
 _RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
 TIE_MARGIN = 0.05
+# The probe call's item: written for this project; any judge worth the name scores it on any criterion.
+PROBE_ANSWER = Answer(
+    probe=Probe(id="judge-probe", question="What does the pass statement do?",
+                reference="pass is a null operation; nothing happens when it executes."),
+    text="pass does nothing when it runs; it is a placeholder where a statement is required.",
+    contexts=(Chunk(id="judge-probe-ctx", doc="judge-probe", start=0, end=1,
+                    text="pass is a null operation: when it is executed, nothing happens. It is useful as a "
+                         "placeholder when a statement is required syntactically."),))
+PROBE_CRITERION = LLMCriterion(kind="llm", name="supported", description="The answer is supported by the context.",
+                               scale=Scale(anchors={1: "unsupported", 5: "fully supported"}))
 AGGREGATES = ("mean", "median", "min")
 METHODS = ("auto", "logprobs", "json")
 Verdict = Literal["A", "B", "tie"]
@@ -134,6 +146,38 @@ class Panel:
         """The same panel with other roles (e.g. the response cache bypassed) and a new fence seed."""
         return Panel(roles if roles is not None else self.roles, seed=seed, method=self.method,
                      aggregate=self.aggregate)
+
+    def probe(self, c: LLMCriterion | None = None) -> list[tuple[int, str]]:
+        """One probe call per member (response cache bypassed) on a fixed item and criterion ``c``:
+        does a score parse? A hosted JSON member tries its JSON modes in turn (``lm.json_modes``) and
+        settles on the first whose reply holds a score, so later calls need no fallback. Returns
+        (member index, what came back) for each member that gave no score under any mode."""
+        c = c or PROBE_CRITERION
+        lo, hi = c.scale.min, c.scale.max
+        failed: list[tuple[int, str]] = []
+        for i, (role, method) in enumerate(zip(self.roles, self.methods)):
+            fresh = role.with_lm(role.lm.copy(cache=False))
+            if method == "logprobs":  # a panel of its own, so the probe leaves this one's fence tokens alone
+                (raw, said), = Panel([fresh], method=method)._score_one(fresh, method, [c], PROBE_ANSWER)
+                if raw is None:
+                    failed.append((i, f"no {lo}-{hi} digit among its next-token probabilities ({said[:160]!r})"))
+                continue
+            token = f"DATA-{random.Random(i).getrandbits(48):012x}"
+            system, user = (m["content"] for m in criterion_prompt(c, PROBE_ANSWER, token))
+            got = []
+            for mode in json_modes(fresh):
+                try:
+                    _, text = ask_json(fresh, system, [("user", user)], score_schema(lo, hi), mode=mode)
+                except Exception as err:
+                    got.append(f"{mode}: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
+                    continue
+                if parse_score(text, lo, hi)[0] is not None:
+                    role.json_mode = mode
+                    break
+                got.append(f"{mode}: {text[:160]!r}")
+            else:
+                failed.append((i, "; ".join(got)))
+        return failed
 
     def score_group(self, cs: list[LLMCriterion], answer: Answer, flags: tuple[str, ...] = ()) -> dict[str, Score]:
         """LLM criteria scored together: one structured output per item and member, a rationale
@@ -253,3 +297,21 @@ class Panel:
             return {"A": 1.0, "B": 0.0, "tie": 0.5}[winner], str((obj or {}).get("rationale", ""))[:1000]
         except Exception as err:
             return None, f"judge call failed: {type(err).__name__}: {err}"[:300]
+
+
+def check_judges(panel: Panel, c: LLMCriterion | None, file: str | Path, keys: list[str]) -> None:
+    """Stop before any work when a judge model cannot produce a score (``Panel.probe``): an
+    ``InputError`` (exit 2) naming the config key, the model and what came back. ``keys[i]`` is
+    member ``i``'s key in the config (``models.judge``, ``judge.models.1``)."""
+    failed = panel.probe(c)
+    if failed:
+        i, got = failed[0]
+        raise InputError(file, keys[i] if i < len(keys) else "judge",
+                         f"judge model {panel.roles[i].lm.model} gave no usable score to a probe call "
+                         f"({got}); choose a model that can follow the JSON reply format")
+
+
+def judge_keys(cfg: Any) -> list[str]:
+    """Each judge panel member's key in a run config, for messages."""
+    return [f"judge.models.{i}.model" for i in range(len(cfg.judge.models))] if cfg.judge.models \
+        else ["models.judge.model"]

@@ -129,6 +129,10 @@ class LLMCriterion(Strict):
     examples: list[Example] = []
     group: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$",
                               description="LLM criteria of one group are scored in one structured output per item")
+    tracks: list[Literal["reference", "retrieval"]] = Field(
+        ["reference"], description="computational signals a trustworthy judge's scores on this criterion rank "
+                                   "with (judge.trust.min_discrimination): reference agreement, the retrieval hit; "
+                                   "[] for a criterion neither should predict (e.g. tone)")
 
 
 class _Scored(Strict):

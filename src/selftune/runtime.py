@@ -98,4 +98,13 @@ def judge_runtime(rubric_path: Path, config: Path | None, seed: int) -> JudgeRun
         embedder = Embedder(embedder_name)
     judge = Judge(rubric, roles, seed=seed, method=spec.method, flag_cap=spec.flag_cap, embedder=embedder,
                   aggregate=spec.aggregate)
+    if judge.panel is not None:  # a judge that cannot score stops the command before any item
+        from .panel import check_judges, judge_keys
+
+        try:
+            check_judges(judge.panel, next(iter(rubric.llm_criteria()), None), config or rubric_path,
+                         judge_keys(cfg) if config is not None else ["judge"])
+        except BaseException:
+            engines.close()
+            raise
     return JudgeRuntime(rubric, judge, tracking, workdir, [engines.close])

@@ -177,6 +177,8 @@ class MlflowTracker:
         m.update({(k if k.startswith(("judge/", "checks/")) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
+        if "judge/verdict" in result.stats:  # trusted, untrusted or unproven
+            self.client.set_tag(pid, "selftune.judge_state", result.stats["judge/verdict"].state)
         if "judge/untrusted_because" in result.stats:
             self.client.set_tag(pid, "selftune.judge_untrusted", str(result.stats["judge/untrusted_because"])[:PARAM_MAX])
         self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
@@ -198,6 +200,12 @@ class MlflowTracker:
 
 
 def _valid_rate(result: Any) -> float:
+    """The judge's valid-score rate: over its model-scored criteria (the trust monitor's counts, items
+    with an answer), or over every criterion when no model scores any."""
+    judged = [(v, result.stats.get(k[:-len("rate")] + "n", 0.0)) for k, v in result.stats.items()
+              if k.startswith("judge/valid/") and k.endswith("/rate")]
+    if judged and sum(n for _, n in judged):
+        return sum(v * n for v, n in judged) / sum(n for _, n in judged)
     evs = [e for r in result.rounds for e in (r.train, r.val)] + [result.test_baseline, result.test_best]
     ok = sum(e.counts()["scores_ok"] for e in evs)
     bad = sum(e.counts()["scores_invalid"] for e in evs)
@@ -237,11 +245,17 @@ def report(result: Any) -> str:
         lines.append(f"- on the deterministic criteria alone: validation {st['checks/val_baseline']:.3f} -> "
                      f"{st['checks/val_best']:.3f}, held-out test {st['checks/test_baseline']:.3f} -> "
                      f"{st['checks/test_best']:.3f}")
-    if st.get("judge/trusted") == 0.0:
+    verdict = st.get("judge/verdict")  # trust.Verdict: every trust figure beside its threshold
+    state = verdict.state if verdict is not None else "untrusted"
+    if st.get("judge/trusted") == 0.0 and state == "unproven":
+        lines.append(f"- JUDGE UNPROVEN ({'; '.join(verdict.reasons)}): promotion used deterministic criteria only")
+    elif st.get("judge/trusted") == 0.0:
         lines.append(f"- JUDGE BELOW THE TRUST BAR ({st.get('judge/untrusted_because', '')}): "
                      "promotion used deterministic criteria only")
     elif "judge/trusted" in st:
         lines.append("- judge within the trust bar: its scores counted for promotion")
+    if verdict is not None and verdict.figures:
+        lines += ["", f"## Judge trust bar: {state}", "", *verdict.table()]
     return "\n".join(lines) + "\n"
 
 

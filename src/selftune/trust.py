@@ -1,7 +1,11 @@
 """Measuring the judge during a tune, and the trust bar that decides whether its scores may steer.
 
+- every item judged: per model-scored criterion, the valid-score rate; per LLM criterion, the spread
+  of its scores and its rank correlation with the computational signals it ``tracks`` (reference
+  agreement: token F1 with the probe's reference; the retrieval hit of the probe's source span);
 - after the baseline: test-retest on a sample of items (every model-scored criterion), re-judged
-  with the response cache bypassed and fresh fence tokens (flip rate, score SD);
+  with the response cache bypassed and fresh fence tokens (flip rate, score SD); with
+  ``judge.trust.labels``, Cohen's kappa with the human labels (``calibrate``);
 - after every round: position consistency on a sample of validation probes, candidate vs incumbent
   judged in both orders (pairwise); with ``judge.mode: pairwise`` the same comparisons, over every
   validation probe, are the promotion signal for the LLM criteria;
@@ -10,26 +14,94 @@
 - with a judge panel (``judge.models``): how often its members agree on pass/fail, per LLM criterion
   and pooled (``agreement/rate``; ``disagreement_rate`` is its complement).
 
-Below the bar (``judge.trust``) the tune says so, and ``objective_for`` makes the objective that both
-the optimizer and the gate then follow: the deterministic criteria only.
+``Monitor.verdict`` reads them against the bar (``judge.trust``) as a frozen ``Verdict``: *untrusted*
+when a counted figure fails, else *unproven* while a required figure rests on fewer than
+``trust.min_items`` items, else *trusted*. ``objective_for`` is the one place a verdict becomes the
+objective the optimizer and the gate follow: below *trusted*, the deterministic criteria only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from .checks import token_f1
 from .config import JudgeSpec
 from .judge import Judge
-from .lm import Role
-from .records import Evaluation, Judgment
-from .reliability import length_correlation, panel_agreement, retest_stats, swap_consistency
 from .objective import Objective, checks_only, pairwise, whole_rubric
+from .records import Evaluation, Frozen, Judgment
+from .reliability import length_correlation, panel_agreement, retest_stats, spearman, swap_consistency
 from .rubric import LLMCriterion, RagasCriterion, Rubric
 
 log = logging.getLogger(__name__)
+State = Literal["trusted", "untrusted", "unproven"]
+
+
+class Figure(Frozen):
+    """One trust figure beside its bar. ``value`` None: not measured (or undefined). It counts only
+    once it rests on ``need`` items (``n``); while a ``required`` figure does not count, the judge is
+    unproven. ``why``: the reason given when it counts and fails."""
+
+    label: str
+    value: float | None
+    op: Literal[">=", "<=", "|<=|"]
+    bar: float
+    n: int
+    need: int = 1
+    required: bool = False
+    why: str = ""
+
+    @property
+    def counts(self) -> bool:
+        return self.value is not None and self.n >= self.need
+
+    @property
+    def passed(self) -> bool:
+        v = self.value if self.value is not None else math.nan
+        return v >= self.bar if self.op == ">=" else v <= self.bar if self.op == "<=" else abs(v) <= self.bar
+
+    @property
+    def threshold(self) -> str:
+        return f"|r| <= {self.bar:g}" if self.op == "|<=|" else f"{self.op} {self.bar:g}"
+
+    @property
+    def pending(self) -> str:
+        return (f"{self.label} not measured yet" if self.n == 0 else
+                f"{self.label} measured on {self.n} items, fewer than trust.min_items {self.need}")
+
+
+class Verdict(Frozen):
+    """The trust bar's reading: ``state``, the ``reasons`` for it (failing figures when untrusted,
+    unmeasured ones when unproven) and every ``figure`` beside its threshold."""
+
+    state: State
+    reasons: tuple[str, ...] = ()
+    figures: tuple[Figure, ...] = ()
+
+    @property
+    def trusted(self) -> bool:
+        return self.state == "trusted"
+
+    @classmethod
+    def of(cls, figures: list[Figure]) -> Verdict:
+        failing = [f.why for f in figures if f.counts and not f.passed]
+        pending = [f.pending for f in figures if f.required and not f.counts]
+        state: State = "untrusted" if failing else "unproven" if pending else "trusted"
+        return cls(state=state, reasons=tuple(failing or pending), figures=tuple(figures))
+
+    def table(self) -> list[str]:
+        """Markdown rows: every figure, its value, its threshold, the items it rests on, its status."""
+        rows = ["| figure | value | threshold | items | status |", "|---|---|---|---|---|"]
+        for f in self.figures:
+            value = "n/a" if f.value is None else f"{f.value:+.3f}" if f.op == "|<=|" or "rho" in f.label \
+                else f"{f.value:.3f}"
+            status = ("ok" if f.passed else "FAILS") if f.counts else \
+                f"not counted yet (needs {f.need} items)" if f.value is not None or f.n else "not measured"
+            rows.append(f"| {f.label} | {value} | {f.threshold} | {f.n} | {status} |")
+        return rows
 
 
 @dataclass
@@ -42,6 +114,8 @@ class Monitor:
     _swaps: list[tuple[str, str]] = field(default_factory=list)
     _lengths: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     _panel: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    _valid: dict[str, list[int]] = field(default_factory=dict)  # criterion -> [ok, invalid] items
+    _signals: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (score, signal)
 
     @property
     def llm(self) -> list[LLMCriterion]:
@@ -64,8 +138,8 @@ class Monitor:
         items = [j for ev in evals for j in ev.judgments if j.answer.error is None]
         rng = random.Random(self.seed)
         sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
-        again = self.judge.variant(roles=[Role(r.name, r.lm.copy(cache=False), r.adapter, r.local)
-                                          for r in panel.roles], seed=self.seed + 7919)
+        again = self.judge.variant(roles=[r.with_lm(r.lm.copy(cache=False)) for r in panel.roles],
+                                   seed=self.seed + 7919)
         first_all: list[float] = []
         second_all: list[float] = []
         out: dict[str, float] = {}
@@ -120,24 +194,43 @@ class Monitor:
         return {"consistency": round_consistency, "n": len(swaps), "prefs": prefs}
 
     def observe(self, evals: list[Evaluation]) -> None:
-        """Over everything judged so far: each model-scored criterion's length correlation and,
-        with a panel, how far its judges agree."""
+        """Over everything judged so far: per model-scored criterion its valid-score rate and length
+        correlation; per LLM criterion the spread of its scores and their rank correlation with the
+        signals it tracks; with a panel, how far its judges agree. Failed answers are not the judge's."""
         for ev in evals:
             for j in ev.judgments:
+                if j.answer.error is not None:
+                    continue
                 for c in self.model_scored:
                     s = j.scores.get(c.name)
-                    if s is not None and s.status == "ok":
+                    if s is None or s.status == "n/a":
+                        continue
+                    self._valid.setdefault(c.name, [0, 0])[s.status != "ok"] += 1
+                    if s.status == "ok":
                         self._lengths.setdefault(c.name, []).append((s.value or 0.0, len(j.answer.text.split())))
-                    if s is not None and len(s.by_judge) > 1 and isinstance(c, LLMCriterion):
+                        if isinstance(c, LLMCriterion):
+                            for sig, x in _signals(j).items():
+                                if sig in c.tracks:
+                                    self._signals.setdefault((c.name, sig), []).append((s.value or 0.0, x))
+                    if len(s.by_judge) > 1 and isinstance(c, LLMCriterion):
                         raws = [v for v in s.by_judge.values() if v is not None]
                         if len(raws) > 1:  # every pair of members that both scored
                             self._panel.setdefault(c.name, []).extend(
                                 (c.scale.normalize(a), c.scale.normalize(b))
                                 for k, a in enumerate(raws) for b in raws[k + 1:])
+        for name, (ok, bad) in self._valid.items():
+            self.stats[f"valid/{name}/rate"], self.stats[f"valid/{name}/n"] = ok / (ok + bad), float(ok + bad)
         for name, pts in self._lengths.items():
             r = length_correlation([v for v, _ in pts], [n for _, n in pts])
             if r is not None:
                 self.stats[f"length_corr/{name}"] = r
+            self.stats[f"spread/{name}"] = _sd([v for v, _ in pts])
+            self.stats[f"spread/{name}/n"] = float(len(pts))
+        for (name, sig), pts in self._signals.items():
+            rho = spearman([v for v, _ in pts], [x for _, x in pts])
+            if rho is not None:
+                self.stats[f"discrimination/{name}/{sig}"] = rho
+            self.stats[f"discrimination/{name}/{sig}/n"] = float(len(pts))
         pooled: list[tuple[float, float]] = []
         for name, pairs in self._panel.items():
             self.stats.update({f"agreement/{name}/{k}": v for k, v in panel_agreement(pairs).items()})
@@ -145,35 +238,107 @@ class Monitor:
         if pooled:
             self.stats.update({f"agreement/{k}": v for k, v in panel_agreement(pooled).items()})
 
-    def verdict(self) -> tuple[bool, list[str]]:
-        """(trusted, reasons it is not). A figure not measured yet does not count against the judge."""
+    def calibrate(self) -> dict[str, float]:
+        """With ``judge.trust.labels``: judge the labelled items and keep, per labelled LLM criterion,
+        Cohen's kappa with the humans (quadratic weights on its scale, as ``selftune calibrate``)."""
+        from .calibrate import agreement, read_items, to_answer
+
+        labels = self.spec.trust.labels
+        if labels is None or self.judge.panel is None:
+            return {}
+        rows = read_items(labels, self.rubric, need_labels=True)
+        judged = [self.judge.judge(to_answer(r, i)) for i, r in enumerate(rows)]
+        out: dict[str, float] = {}
+        for name, a in agreement(self.rubric, rows, judged, self.seed, resamples=200).items():
+            if name in {c.name for c in self.llm}:
+                out[f"kappa/{name}/n"] = float(a["n"])
+                if a["kappa"] is not None:
+                    out[f"kappa/{name}"] = a["kappa"]
+        self.stats.update(out)
+        return out
+
+    def verdict(self) -> Verdict:
+        """Every figure against the bar (see the module docstring for the states). A judge with no
+        model-scored criterion has nothing to prove."""
         if not self.model_scored:
-            return True, []
-        t = self.spec.trust
-        why = []
-        flip = self.stats.get("retest/flip_rate")
-        if flip is not None and flip > t.max_flip_rate:
-            why.append(f"flip rate {flip:.2f} > {t.max_flip_rate}")
-        bad, good = self.stats.get("swap/invalid", 0.0), self.stats.get("swap/n", 0.0)
-        if bad > good:
-            why.append(f"{int(bad)} of {int(bad + good)} pairwise comparisons failed")
-        agree = self.stats.get("agreement/rate")
-        if agree is not None and t.min_agreement is not None and agree < t.min_agreement:
-            why.append(f"judges agree on {agree:.2f} of items < {t.min_agreement}")
-        swap = self.stats.get("swap/consistency")
-        if swap is not None and swap < t.min_swap_consistency:
-            why.append(f"swap consistency {swap:.2f} < {t.min_swap_consistency}")
-        for name, r in self.stats.items():
-            if name.startswith("length_corr/") and t.max_length_corr is not None and abs(r) > t.max_length_corr:
-                why.append(f"{name.split('/', 1)[1]} length correlation {r:+.2f} beyond ±{t.max_length_corr}")
-        return not why, why
+            return Verdict(state="trusted")
+        t, st, need = self.spec.trust, self.stats, self.spec.trust.min_items
+        figs: list[Figure] = []
+        for c in self.model_scored:
+            v, n = st.get(f"valid/{c.name}/rate"), int(st.get(f"valid/{c.name}/n", 0))
+            figs.append(Figure(label=f"{c.name} valid-score rate", value=v, op=">=", bar=t.min_valid, n=n,
+                               required=True, why=f"{c.name} valid-score rate {v or 0:.2f} < {t.min_valid} "
+                                                  f"({round((v or 0) * n)} of {n} items scored)"))
+        bad, good = int(st.get("swap/invalid", 0)), int(st.get("swap/n", 0))
+        if bad + good:
+            rate = good / (bad + good)
+            figs.append(Figure(label="pairwise comparisons valid", value=rate, op=">=", bar=t.min_valid,
+                               n=bad + good, why=f"{bad} of {bad + good} pairwise comparisons failed "
+                                                 f"(valid {rate:.2f} < {t.min_valid})"))
+        retested = min((int(st.get(f"retest/{c.name}/n", 0)) for c in self.model_scored), default=0)
+        flip = st.get("retest/flip_rate")
+        figs.append(Figure(label="test-retest flip rate", value=flip, op="<=", bar=t.max_flip_rate, n=retested,
+                           need=need, required=True, why=f"flip rate {flip or 0:.2f} > {t.max_flip_rate}"))
+        if self.llm:
+            swap = st.get("swap/consistency")
+            figs.append(Figure(label="swap consistency", value=swap, op=">=", bar=t.min_swap_consistency, n=good,
+                               need=need, required=True,
+                               why=f"swap consistency {swap or 0:.2f} < {t.min_swap_consistency}"))
+        for c in self.llm:
+            sd, n = st.get(f"spread/{c.name}"), int(st.get(f"spread/{c.name}/n", 0))
+            figs.append(Figure(label=f"{c.name} score spread (SD)", value=sd, op=">=", bar=t.min_spread, n=n,
+                               need=need, required=True,
+                               why=f"{c.name} says the same thing to everything (score SD {sd or 0:.3f} < "
+                                   f"{t.min_spread} over {n} items)"))
+            for sig in c.tracks:
+                pts = self._signals.get((c.name, sig), [])
+                rho = st.get(f"discrimination/{c.name}/{sig}")
+                # a signal no item carries, or one that never varies, separates nothing: not the judge's fault
+                varies = len({x for _, x in pts}) > 1
+                figs.append(Figure(label=f"{c.name} rank rho with {sig}", value=rho, op=">=",
+                                   bar=t.min_discrimination, n=len(pts), need=need, required=varies,
+                                   why=f"{c.name} does not rank answers as {sig} does (rho {rho or 0:+.2f} < "
+                                       f"{t.min_discrimination} over {len(pts)} items)"))
+            if t.labels is not None:
+                k, n = st.get(f"kappa/{c.name}"), int(st.get(f"kappa/{c.name}/n", 0))
+                figs.append(Figure(label=f"{c.name} kappa with human labels", value=k, op=">=", bar=t.min_kappa,
+                                   n=n, need=need, required=True,
+                                   why=f"{c.name} agrees with human labels at kappa {k or 0:+.2f} < {t.min_kappa}"))
+        if t.max_length_corr is not None:
+            for c in self.model_scored:
+                r, n = st.get(f"length_corr/{c.name}"), len(self._lengths.get(c.name, []))
+                figs.append(Figure(label=f"{c.name} length correlation", value=r, op="|<=|", bar=t.max_length_corr,
+                                   n=n, need=need, why=f"{c.name} length correlation {r or 0:+.2f} beyond "
+                                                      f"±{t.max_length_corr}"))
+        agree = st.get("agreement/rate")
+        if agree is not None and t.min_agreement is not None:
+            n = int(st.get("agreement/n", 0))
+            figs.append(Figure(label="judge panel agreement", value=agree, op=">=", bar=t.min_agreement, n=n,
+                               need=need, why=f"judges agree on {agree:.2f} of items < {t.min_agreement}"))
+        return Verdict.of(figs)
 
 
-def objective_for(rubric: Rubric, trusted: bool, why: list[str], mode: str, flag_cap: float | None) -> Objective:
+def _signals(j: Judgment) -> dict[str, float]:
+    """The computational signals of one answered item: reference agreement (token F1 with the
+    probe's reference) and the retrieval hit (its source span among the contexts), where known."""
+    p, out = j.answer.probe, {}
+    if p.reference:
+        out["reference"] = token_f1(j.answer.text, p.reference)
+    if p.source_doc:
+        out["retrieval"] = float(any(c.overlaps(p.source_doc, p.source_start, p.source_end) for c in j.answer.contexts))
+    return out
+
+
+def _sd(values: list[float]) -> float:
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def objective_for(rubric: Rubric, verdict: Verdict, mode: str, flag_cap: float | None) -> Objective:
     """The signal the judge has earned: every criterion (pointwise, or pairwise with
-    ``judge.mode: pairwise``) within the trust bar; the deterministic criteria only below it."""
-    if not trusted:
-        return checks_only(rubric, flag_cap, "; ".join(why))
+    ``judge.mode: pairwise``) when trusted; the deterministic criteria only when untrusted or unproven."""
+    if not verdict.trusted:
+        return checks_only(rubric, flag_cap, "; ".join(verdict.reasons), verdict.state)
     if mode == "pairwise" and rubric.llm_criteria():
         return pairwise(rubric, flag_cap)
     return whole_rubric(rubric, flag_cap)
