@@ -73,3 +73,85 @@ def test_lean_adapter_stops_at_invented_input_blocks():
     with role.context():
         dspy.Predict(QA)(context="c", question="q")
     assert set(role.engine.calls[0]["stop"]) >= {"\nContext:", "\nQuestion:"}
+
+
+def refusing(kinds, reply='{"rationale": "fine", "score": 4}'):
+    """A scripted endpoint that refuses (HTTP 400) requests carrying the response formats in ``kinds``."""
+    from dspy import lm15
+
+    def script(m):
+        return reply
+
+    role = fake_role(script)
+    complete = role.engine.complete
+
+    def strict(request):
+        cfg = request.config
+        fmt = cfg.response_format or (cfg.extensions or {}).get("response_format") or {}
+        kind = fmt.get("type")
+        if kind in kinds:
+            role.engine.calls.append({"refused": kind})
+            raise lm15.InvalidRequestError(f"response_format {kind} is not supported", status=400)
+        return complete(request)
+
+    role.engine.complete = strict
+    return role
+
+
+SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
+
+
+def test_hosted_json_tries_the_schema_mode_then_falls_back_and_remembers():
+    from selftune.lm import ask_json
+
+    role = refusing({"json_schema"})
+    obj, _ = ask_json(role, "sys", [("user", "grade")], SCHEMA)
+    # no api_base: llama-cpp-python's json_object+schema mode is not tried; the prompt is
+    assert obj == {"rationale": "fine", "score": 4} and role.json_mode == "prompt"
+    assert role.engine.calls[0] == {"refused": "json_schema"} and role.engine.calls[1]["response_format"] is None
+    ask_json(role, "sys", [("user", "again")], SCHEMA)
+    assert len(role.engine.calls) == 3  # settled: no second refusal
+
+
+def test_a_served_model_gets_the_json_object_schema_mode_llama_cpp_python_accepts():
+    from selftune.lm import ask_json, json_modes
+
+    role = refusing({"json_schema"})
+    role.lm.kwargs["api_base"] = "http://127.0.0.1:1/v1"  # only read by json_modes: the engine owns the connection
+    assert json_modes(role) == ("schema", "object", "prompt")
+    ask_json(role, "sys", [("user", "grade")], SCHEMA)
+    assert role.json_mode == "object"
+    assert role.engine.calls[1]["extensions"] == {"response_format": {"type": "json_object", "schema": SCHEMA}}
+
+
+def test_an_unreachable_endpoint_is_not_taken_for_a_refused_format():
+    from dspy import lm15
+    from dspy.utils.exceptions import LMTransportError
+
+    from selftune.lm import ask_json
+
+    role = fake_role(lambda m: "{}")
+
+    def down(request):
+        raise lm15.TransportError("failed to connect to 127.0.0.1:1: Connection refused")
+
+    role.engine.complete = down
+    with pytest.raises(LMTransportError):
+        ask_json(role, "sys", [("user", "grade")], SCHEMA)
+    assert role.json_mode is None
+
+
+def test_the_judge_probe_settles_the_json_mode_or_stops_the_run_naming_model_and_reply():
+    from selftune.errors import InputError
+    from selftune.panel import Panel, check_judges
+
+    role = refusing({"json_schema"})
+    check_judges(Panel([role]), None, "cfg.yaml", ["models.judge.model"])
+    assert role.json_mode == "prompt"
+    prose = refusing({"json_schema"}, reply="A fine answer, I would say.")
+    with pytest.raises(InputError) as err:
+        check_judges(Panel([prose]), None, "cfg.yaml", ["models.judge.model"])
+    msg = str(err.value)
+    assert msg.startswith("cfg.yaml: models.judge.model: judge model fake/fake gave no usable score to a probe call")
+    assert "schema: LMInvalidRequestError" in msg and "prompt: 'A fine answer, I would say.'" in msg
+    assert "\n" not in msg and prose.json_mode is None
