@@ -149,3 +149,40 @@ class FakeModels:
 
 def no_progress(it, **_):
     return it
+
+
+def check_tune_record(work: Path, output: str, rounds: int):
+    """What every finished tune leaves in MLflow (the store in ``work``) and prints (``output``): one
+    finished parent run with the gains, the judge's measurements and trust table, a child run per
+    round with per-criterion metrics and its judgments table, and best.yaml. Returns (client, parent)."""
+    import yaml
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("selftune")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`selftune.kind` = 'tune'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.info.run_id in output and "held-out test" in output
+    m = parent.data.metrics
+    for key in ("gain/val", "gain/test", "test/baseline_overall", "test/best_overall", "stats/probes",
+                "judge/valid_rate", "judge/retest/n"):
+        assert key in m, key
+    assert len(client.get_metric_history(parent.info.run_id, "candidate/val_overall")) == rounds + 1
+    # the judge is measured on every tune: test-retest after the baseline, its verdict every round
+    assert len(client.get_metric_history(parent.info.run_id, "judge/trusted")) == rounds + 1
+    assert parent.data.tags["selftune.judge_state"] in ("trusted", "untrusted", "unproven")
+    assert "judge reliability:" in output and "## Judge trust bar: " in output and "| test-retest flip rate |" in output
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == rounds + 1
+    for child in children:
+        for crit in ("grounded", "concise", "retrieval_hit", "correct", "quotes_source", "abstains"):
+            assert f"val/{crit}" in child.data.metrics, crit
+        table = json.loads(open(client.download_artifacts(child.info.run_id, "tables/val.json")).read())
+        cols = table["columns"]
+        assert {"question", "answer", "contexts", "grounded/rationale", "grounded/score"} <= set(cols)
+        assert all(row[cols.index("answer")] or row[cols.index("error")] for row in table["data"])
+    best = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best.yaml")).read())
+    assert set(best["params"]) == {"instructions", "top_k", "chunk_size", "chunk_overlap"}
+    return client, parent
