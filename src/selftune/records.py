@@ -6,6 +6,7 @@ was written once is the record that is logged, compared and reported.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -143,4 +144,71 @@ class Round(Frozen):
     incumbent_index: int  # the incumbent after this round's decision
     notes: tuple[str, ...] = ()  # how the candidate was made (e.g. rewrite rejected, fallback used)
     judge_stats: dict[str, float] = Field(default_factory=dict)  # reliability figures so far (trust.Monitor)
-    trusted: bool = True  # did the judge clear the trust bar when this round was decided
+    trusted: bool = True  # did the judge clear the trust bar when this round was decided (Verdict.trusted)
+
+
+State = Literal["trusted", "untrusted", "unproven"]
+
+
+class Figure(Frozen):
+    """One trust figure beside its bar. ``value`` None: not measured (or undefined). It counts only
+    once it rests on ``need`` items (``n``); while a ``required`` figure does not count, the judge is
+    unproven. ``why``: the reason given when it counts and fails."""
+
+    label: str
+    value: float | None
+    op: Literal[">=", "<=", "|<=|"]
+    bar: float
+    n: int
+    need: int = 1
+    required: bool = False
+    why: str = ""
+
+    @property
+    def counts(self) -> bool:
+        return self.value is not None and self.n >= self.need
+
+    @property
+    def passed(self) -> bool:
+        v = self.value if self.value is not None else math.nan
+        return v >= self.bar if self.op == ">=" else v <= self.bar if self.op == "<=" else abs(v) <= self.bar
+
+    @property
+    def threshold(self) -> str:
+        return f"|r| <= {self.bar:g}" if self.op == "|<=|" else f"{self.op} {self.bar:g}"
+
+    @property
+    def pending(self) -> str:
+        return (f"{self.label} not measured yet" if self.n == 0 else
+                f"{self.label} measured on {self.n} items, fewer than trust.min_items {self.need}")
+
+
+class Verdict(Frozen):
+    """The trust bar's reading: ``state``, the ``reasons`` for it (failing figures when untrusted,
+    unmeasured ones when unproven) and every ``figure`` beside its threshold."""
+
+    state: State
+    reasons: tuple[str, ...] = ()
+    figures: tuple[Figure, ...] = ()
+
+    @property
+    def trusted(self) -> bool:
+        return self.state == "trusted"
+
+    @classmethod
+    def of(cls, figures: list[Figure]) -> Verdict:
+        failing = [f.why for f in figures if f.counts and not f.passed]
+        pending = [f.pending for f in figures if f.required and not f.counts]
+        state: State = "untrusted" if failing else "unproven" if pending else "trusted"
+        return cls(state=state, reasons=tuple(failing or pending), figures=tuple(figures))
+
+    def table(self) -> list[str]:
+        """Markdown rows: every figure, its value, its threshold, the items it rests on, its status."""
+        rows = ["| figure | value | threshold | items | status |", "|---|---|---|---|---|"]
+        for f in self.figures:
+            value = "n/a" if f.value is None else f"{f.value:+.3f}" if f.op == "|<=|" or "rho" in f.label \
+                else f"{f.value:.3f}"
+            status = ("ok" if f.passed else "FAILS") if f.counts else \
+                f"not counted yet (needs {f.need} items)" if f.value is not None or f.n else "not measured"
+            rows.append(f"| {f.label} | {value} | {f.threshold} | {f.n} | {status} |")
+        return rows

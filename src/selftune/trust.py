@@ -14,7 +14,7 @@
 - with a judge panel (``judge.models``): how often its members agree on pass/fail, per LLM criterion
   and pooled (``agreement/rate``; ``disagreement_rate`` is its complement).
 
-``Monitor.verdict`` reads them against the bar (``judge.trust``) as a frozen ``Verdict``: *untrusted*
+``Monitor.verdict`` reads them against the bar (``judge.trust``) as a frozen ``records.Verdict``: *untrusted*
 when a counted figure fails, else *unproven* while a required figure rests on fewer than
 ``trust.min_items`` items, else *trusted*. ``objective_for`` is the one place a verdict becomes the
 objective the optimizer and the gate follow: below *trusted*, the deterministic criteria only.
@@ -26,82 +26,17 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from .checks import token_f1
 from .config import JudgeSpec
 from .judge import Judge
 from .objective import Objective, checks_only, pairwise, whole_rubric
-from .records import Evaluation, Frozen, Judgment
+from .records import Evaluation, Figure, Judgment, Verdict
 from .reliability import length_correlation, panel_agreement, retest_stats, spearman, swap_consistency
 from .rubric import LLMCriterion, RagasCriterion, Rubric
 
 log = logging.getLogger(__name__)
-State = Literal["trusted", "untrusted", "unproven"]
-
-
-class Figure(Frozen):
-    """One trust figure beside its bar. ``value`` None: not measured (or undefined). It counts only
-    once it rests on ``need`` items (``n``); while a ``required`` figure does not count, the judge is
-    unproven. ``why``: the reason given when it counts and fails."""
-
-    label: str
-    value: float | None
-    op: Literal[">=", "<=", "|<=|"]
-    bar: float
-    n: int
-    need: int = 1
-    required: bool = False
-    why: str = ""
-
-    @property
-    def counts(self) -> bool:
-        return self.value is not None and self.n >= self.need
-
-    @property
-    def passed(self) -> bool:
-        v = self.value if self.value is not None else math.nan
-        return v >= self.bar if self.op == ">=" else v <= self.bar if self.op == "<=" else abs(v) <= self.bar
-
-    @property
-    def threshold(self) -> str:
-        return f"|r| <= {self.bar:g}" if self.op == "|<=|" else f"{self.op} {self.bar:g}"
-
-    @property
-    def pending(self) -> str:
-        return (f"{self.label} not measured yet" if self.n == 0 else
-                f"{self.label} measured on {self.n} items, fewer than trust.min_items {self.need}")
-
-
-class Verdict(Frozen):
-    """The trust bar's reading: ``state``, the ``reasons`` for it (failing figures when untrusted,
-    unmeasured ones when unproven) and every ``figure`` beside its threshold."""
-
-    state: State
-    reasons: tuple[str, ...] = ()
-    figures: tuple[Figure, ...] = ()
-
-    @property
-    def trusted(self) -> bool:
-        return self.state == "trusted"
-
-    @classmethod
-    def of(cls, figures: list[Figure]) -> Verdict:
-        failing = [f.why for f in figures if f.counts and not f.passed]
-        pending = [f.pending for f in figures if f.required and not f.counts]
-        state: State = "untrusted" if failing else "unproven" if pending else "trusted"
-        return cls(state=state, reasons=tuple(failing or pending), figures=tuple(figures))
-
-    def table(self) -> list[str]:
-        """Markdown rows: every figure, its value, its threshold, the items it rests on, its status."""
-        rows = ["| figure | value | threshold | items | status |", "|---|---|---|---|---|"]
-        for f in self.figures:
-            value = "n/a" if f.value is None else f"{f.value:+.3f}" if f.op == "|<=|" or "rho" in f.label \
-                else f"{f.value:.3f}"
-            status = ("ok" if f.passed else "FAILS") if f.counts else \
-                f"not counted yet (needs {f.need} items)" if f.value is not None or f.n else "not measured"
-            rows.append(f"| {f.label} | {value} | {f.threshold} | {f.n} | {status} |")
-        return rows
 
 
 @dataclass
