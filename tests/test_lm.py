@@ -155,3 +155,23 @@ def test_the_judge_probe_settles_the_json_mode_or_stops_the_run_naming_model_and
     assert msg.startswith("cfg.yaml: models.judge.model: judge model fake/fake gave no usable score to a probe call")
     assert "schema: LMInvalidRequestError" in msg and "prompt: 'A fine answer, I would say.'" in msg
     assert "\n" not in msg and prose.json_mode is None
+
+
+def test_an_unreachable_judge_stops_the_run_at_the_probe_without_trying_other_modes():
+    from dspy import lm15
+
+    from selftune.errors import InputError
+    from selftune.panel import Panel, check_judges
+
+    role = fake_role(lambda m: "{}")
+    calls = []
+
+    def down(request):
+        calls.append(request)
+        raise lm15.TransportError("failed to connect to 127.0.0.1:1: Connection refused")
+
+    role.engine.complete = down
+    with pytest.raises(InputError, match=r"judge.models.0.model: judge model fake/fake gave no usable score .*"
+                                         r"\(schema: LMTransportError: .*Connection refused\)"):
+        check_judges(Panel([role]), None, "cfg.yaml", ["judge.models.0.model"])
+    assert len(calls) == 1

@@ -27,7 +27,7 @@ from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request
 
 from .errors import InputError
-from .lm import Role, ask_json, json_modes, parse_json_object
+from .lm import Role, ask_json, format_refused, json_modes, parse_json_object
 from .prompts import PAIR_SCHEMA, criterion_prompt, group_schema, pairwise_prompt, score_schema
 from .records import Answer, Chunk, Probe, Score
 from .rubric import LLMCriterion, Scale
@@ -164,18 +164,21 @@ class Panel:
                 continue
             token = f"DATA-{random.Random(i).getrandbits(48):012x}"
             system, user = (m["content"] for m in criterion_prompt(c, PROBE_ANSWER, token))
-            got = []
+            got: list[str] = []
+            settled = None
             for mode in json_modes(fresh):
                 try:
                     _, text = ask_json(fresh, system, [("user", user)], score_schema(lo, hi), mode=mode)
                 except Exception as err:
                     got.append(f"{mode}: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
+                    if not format_refused(err):  # unreachable, unauthorised, slow: another mode fares no better
+                        break
                     continue
                 if parse_score(text, lo, hi)[0] is not None:
-                    role.json_mode = mode
+                    settled = role.json_mode = mode
                     break
                 got.append(f"{mode}: {text[:160]!r}")
-            else:
+            if settled is None:
                 failed.append((i, "; ".join(got)))
         return failed
 
