@@ -106,3 +106,17 @@ def test_judge_panel_config(tmp_path, corpus_dir):
     specs = cfg.judge_specs()
     assert [s.model for s in specs] == ["local", "openai/gpt-4o-mini"] and specs[1].max_tokens == 200
     assert cfg.judge.aggregate == "min" and cfg.judge.trust.min_agreement == 0.7
+
+
+def test_trust_bar_keys_and_labels_path(tmp_path, corpus_dir):
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    t = cfg.judge.trust
+    assert (t.min_valid, t.min_items, t.min_discrimination, t.min_spread, t.labels) == (0.95, 10, 0.2, 0.05, None)
+    assert cfg.judge.retest_sample >= t.min_items  # the default tune can prove its judge
+    (tmp_path / "labels.jsonl").write_text("")
+    cfg = load_config(write_config(tmp_path, corpus_dir, judge="{trust: {labels: labels.jsonl, min_kappa: 0.5}}"))
+    assert cfg.judge.trust.labels == tmp_path / "labels.jsonl" and cfg.judge.trust.min_kappa == 0.5
+    with pytest.raises(InputError, match=r"judge\.trust\.labels: expected an existing JSONL file"):
+        load_config(write_config(tmp_path, corpus_dir, judge="{trust: {labels: nowhere.jsonl}}"))
+    with pytest.raises(InputError, match=r"judge\.trust\.min_valid"):
+        load_config(write_config(tmp_path, corpus_dir, judge="{trust: {min_valid: 1.5}}"))

@@ -321,3 +321,27 @@ def test_a_judge_that_reproduces_the_human_labels_is_trusted():
     counted = {f.label for f in verdict.figures if f.counts}
     assert {"grounded valid-score rate", "test-retest flip rate", "swap consistency", "grounded score spread (SD)",
             "grounded rank rho with reference", "grounded kappa with human labels"} <= counted
+
+
+def test_a_judge_that_cannot_score_stops_the_tune_before_any_work(tmp_path, corpus_dir):
+    from selftune.errors import InputError
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    models = FakeModels()
+    models.roles["judge"] = fake_role(prose_judge)
+    with pytest.raises(InputError, match=r"cfg\.yaml: models\.judge\.model: judge model fake/fake gave no usable "
+                                         r"score to a probe call \(schema: 'This answer looks good"):
+        Session(cfg, models=models)
+    assert models.roles["generator"].engine.calls == [] and models.roles["sut"].engine.calls == []
+
+
+def test_trust_labels_that_do_not_fit_the_rubric_stop_the_tune_before_any_work(tmp_path, corpus_dir):
+    from selftune.errors import InputError
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"question": "q?", "answer": "a", "labels": {"polite": 3}}) + "\n")
+    cfg = load_config(write_config(tmp_path, corpus_dir, judge=f"{{trust: {{labels: {labels}}}}}"))
+    models = FakeModels()
+    with pytest.raises(InputError, match=r"labels\.jsonl: line 1\.labels\.polite: unknown criterion"):
+        Session(cfg, models=models)
+    assert models.roles["generator"].engine.calls == []

@@ -19,13 +19,12 @@ from .gate import decide
 from .index import Embedder, Index
 from .judge import Judge
 from .lm import Models, check_credentials
-from .panel import check_judges, judge_keys
 from .optimize import Optimizer
 from .rag import RAG, load_system
 from .objective import checks_only
 from .records import Evaluation, GateDecision, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
-from .trust import Monitor, Verdict, objective_for
+from .trust import Monitor, Verdict, objective_for, preflight
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable[Any]]
@@ -71,13 +70,11 @@ class Session:
         judges = self.models.judges() if self.rubric.needs_judge_model() else None
         self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
                            flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
-        if self.judge.panel is not None:  # a judge that cannot score stops the run before any work
-            try:
-                check_judges(self.judge.panel, next(iter(self.rubric.llm_criteria()), None),
-                             cfg.source or "config", judge_keys(cfg))
-            except BaseException:
-                self.close()
-                raise
+        try:  # a judge that cannot score (or unreadable trust labels) stops the run before any work
+            preflight(self.judge, cfg)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if isinstance(self.models, Models):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import token_f1
-from .config import JudgeSpec
+from .config import Config, JudgeSpec
 from .judge import Judge
 from .objective import Objective, checks_only, pairwise, whole_rubric
 from .records import Evaluation, Figure, Judgment, Verdict
@@ -251,6 +251,19 @@ class Monitor:
             figs.append(Figure(label="judge panel agreement", value=agree, op=">=", bar=t.min_agreement, n=n,
                                need=need, why=f"judges agree on {agree:.2f} of items < {t.min_agreement}"))
         return Verdict.of(figs)
+
+
+def preflight(judge: Judge, cfg: Config) -> None:
+    """Before any work: ``judge.trust.labels`` parse against the rubric, and every judge model gives a
+    score to a probe call (``panel.check_judges``). Either failing is an ``InputError`` (exit 2)."""
+    from .calibrate import read_items
+    from .panel import check_judges, judge_keys
+
+    if cfg.judge.trust.labels is not None:
+        read_items(cfg.judge.trust.labels, judge.rubric, need_labels=True)
+    if judge.panel is not None:
+        check_judges(judge.panel, next(iter(judge.rubric.llm_criteria()), None), cfg.source or "config",
+                     judge_keys(cfg))
 
 
 def _signals(j: Judgment) -> dict[str, float]:
