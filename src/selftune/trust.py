@@ -14,8 +14,8 @@
 - with a judge panel (``judge.models``): how often its members agree on pass/fail, per LLM criterion
   and pooled (``agreement/rate``; ``disagreement_rate`` is its complement).
 
-``Monitor.verdict`` reads them against the bar (``judge.trust``) as a frozen ``records.Verdict``: *untrusted*
-when a counted figure fails, else *unproven* while a required figure rests on fewer than
+``Monitor.verdict`` reads them against the bar (``judge.trust``) as a frozen ``records.Verdict``:
+*untrusted* when a counted figure fails, else *unproven* while a required figure rests on fewer than
 ``trust.min_items`` items, else *trusted*. ``objective_for`` is the one place a verdict becomes the
 objective the optimizer and the gate follow: below *trusted*, the deterministic criteria only.
 """
