@@ -1,3 +1,5 @@
+import json
+
 import dspy
 import pytest
 
@@ -175,3 +177,21 @@ def test_an_unreachable_judge_stops_the_run_at_the_probe_without_trying_other_mo
                                          r"\(schema: LMTransportError: .*Connection refused\)"):
         check_judges(Panel([role]), None, "cfg.yaml", ["judge.models.0.model"])
     assert len(calls) == 1
+
+
+def test_an_openai_compatible_server_gets_max_tokens_and_the_key_stays_in_its_client(monkeypatch):
+    from dspy.lm15 import Config, Message, Request
+
+    from selftune.lm import ServedEngine, json_modes
+
+    monkeypatch.setenv("SERVED_KEY", "sk-served-123")
+    role = build_role("sut", ModelSpec(model="openai/smollm2", api_base="http://127.0.0.1:9/v1",
+                                       api_key_env="SERVED_KEY", max_tokens=7))
+    engine = role.lm.engine
+    assert isinstance(engine, ServedEngine) and "sk-served-123" not in repr(role.lm.kwargs)
+    wire = engine._client.build_request(engine._wire(Request(model=role.lm.model, messages=(Message.user("hi"),),
+                                                             config=Config(max_tokens=7))), stream=False)
+    body = json.loads(wire.body)
+    # the limit every OpenAI-compatible server reads; the server's own model name, without the provider prefix
+    assert body["max_tokens"] == 7 and "max_completion_tokens" not in body and body["model"] == "smollm2"
+    assert json_modes(role) == ("schema", "object", "prompt")

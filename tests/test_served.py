@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, check_tune_record
+from selftune import lm
 from selftune.demo_corpus import materialize
-from selftune.lm import local_gguf_path
 
 pytestmark = pytest.mark.e2e
 TOPICS = ["assert", "pass", "break", "continue", "del", "return", "global", "raise"]
@@ -44,7 +44,7 @@ def served(tmp_path_factory):
     log = tmp / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(local_gguf_path()), "--host", "127.0.0.1",
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(lm.local_gguf_path()), "--host", "127.0.0.1",
              "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
              "--seed", "0", "--api_key", key],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -90,7 +90,9 @@ def test_a_tune_against_a_served_model_lands_in_mlflow_and_never_writes_the_key(
     path = _served_config(tmp, served["base"])
     (tmp / "home").mkdir()
     (tmp / "tmpdir").mkdir()
-    env = {**os.environ, KEY_ENV: key, "HOME": str(tmp / "home"), "TMPDIR": str(tmp / "tmpdir")}
+    src = str(Path(lm.__file__).resolve().parents[1])  # the selftune under test, whatever the cwd
+    env = {**os.environ, KEY_ENV: key, "HOME": str(tmp / "home"), "TMPDIR": str(tmp / "tmpdir"),
+           "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("DSPY_CACHEDIR", None)  # the CLI puts DSPy's response cache in the workdir
     t0 = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "selftune.cli", "tune", str(path)], env=env, cwd=tmp,

@@ -186,7 +186,7 @@ def json_modes(role: Role) -> tuple[str, ...]:
     - ``prompt``: no response format; the JSON is asked for in the prompt and parsed leniently."""
     if role.json_mode is not None:
         return (role.json_mode,)
-    served = bool(role.lm.kwargs.get("api_base"))
+    served = isinstance(role.lm.engine, ServedEngine) or bool(role.lm.kwargs.get("api_base"))
     modes = list(JSON_MODES)
     if not served:
         modes.remove("object")
@@ -400,11 +400,50 @@ class Models:
         return self._panel
 
 
+class ServedEngine:
+    """A DSPy engine for an OpenAI-compatible server (an ``openai/<model>`` id with ``api_base``: vLLM,
+    llama.cpp, llama-cpp-python, LM Studio, Ollama's ``/v1``): lm15's Chat Completions client, the
+    token limit sent as ``max_tokens``, the field every such server reads. (lm15's OpenAI dialect sends
+    OpenAI's newer ``max_completion_tokens``, which llama-cpp-python's server ignores: a reply then
+    runs until the context is full, measured at over 13 minutes for one answer.) The key lives only in
+    this client, never in the LM's kwargs; without one, a placeholder is sent rather than any ambient
+    ``OPENAI_API_KEY``. DSPy's JSON fallback may ask it for a ``json_object``."""
+
+    supported_params = frozenset({"temperature", "max_tokens", "stop", "seed", "response_format"})
+    supports_response_schema = False  # selftune asks for schemas itself (json_modes); DSPy gets json_object
+
+    def __init__(self, api_base: str, api_key: str | None):
+        from dspy.lm15 import OpenAIChatCompat, OpenAIChatLM
+
+        self.api_base = api_base
+        self._client = OpenAIChatLM(api_key=api_key or "no-key", base_url=api_base,
+                                    compat=OpenAIChatCompat(max_tokens_field="max_tokens"))
+
+    def _wire(self, request: Any) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(request, model=request.model.split("/", 1)[-1])  # the server's own name
+
+    def complete(self, request: Any) -> Response:
+        return self._client.complete(self._wire(request))
+
+    def stream(self, request: Any) -> Any:
+        return self._client.stream(self._wire(request))
+
+    def close(self) -> None:
+        pass
+
+
 def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:
     if spec.model == "local":
         lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
                      max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0)
         return Role(name, lm, LeanAdapter(), local=True)
+    if spec.model.startswith("openai/") and spec.api_base:
+        served = ServedEngine(spec.api_base, os.environ[spec.api_key_env] if spec.api_key_env else None)
+        lm = dspy.LM(spec.model, engine=served, temperature=spec.temperature, max_tokens=spec.max_tokens,
+                     cache=spec.cache)
+        return Role(name, lm, dspy.ChatAdapter(), local=False)
     kwargs: dict[str, Any] = {}
     if spec.api_base:
         kwargs["api_base"] = spec.api_base
