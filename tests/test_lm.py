@@ -121,6 +121,10 @@ def test_a_served_model_gets_the_json_object_schema_mode_llama_cpp_python_accept
     role = refusing({"json_schema"})
     role.lm.kwargs["api_base"] = "http://127.0.0.1:1/v1"  # only read by json_modes: the engine owns the connection
     assert json_modes(role) == ("schema", "object", "prompt")
+    assert isinstance(role.adapter, LeanAdapter)  # a plain prompt unless the config says adapter: chat
+    chat = build_role("sut", ModelSpec(model="openai/smollm2", api_base="http://127.0.0.1:9/v1", adapter="chat"))
+    assert isinstance(chat.adapter, dspy.ChatAdapter)
+    assert isinstance(build_role("j", ModelSpec(model="openai/gpt-4o-mini", adapter="plain")).adapter, LeanAdapter)
     ask_json(role, "sys", [("user", "grade")], SCHEMA)
     assert role.json_mode == "object"
     assert role.engine.calls[1]["extensions"] == {"response_format": {"type": "json_object", "schema": SCHEMA}}
@@ -195,3 +199,7 @@ def test_an_openai_compatible_server_gets_max_tokens_and_the_key_stays_in_its_cl
     # the limit every OpenAI-compatible server reads; the server's own model name, without the provider prefix
     assert body["max_tokens"] == 7 and "max_completion_tokens" not in body and body["model"] == "smollm2"
     assert json_modes(role) == ("schema", "object", "prompt")
+    assert isinstance(role.adapter, LeanAdapter)  # a plain prompt unless the config says adapter: chat
+    chat = build_role("sut", ModelSpec(model="openai/smollm2", api_base="http://127.0.0.1:9/v1", adapter="chat"))
+    assert isinstance(chat.adapter, dspy.ChatAdapter)
+    assert isinstance(build_role("j", ModelSpec(model="openai/gpt-4o-mini", adapter="plain")).adapter, LeanAdapter)

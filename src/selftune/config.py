@@ -29,6 +29,9 @@ class ModelSpec(Strict):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(128, ge=1, le=8192)
     cache: bool = True
+    adapter: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="how DSPy prompts it: chat (field markers, JSON fallback) or plain (a plain prompt, the "
+                            "reply is the answer); auto: plain for local and for an openai/ id with api_base")
 
 
 class Models(Strict):

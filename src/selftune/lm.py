@@ -438,16 +438,18 @@ def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:
     if spec.model == "local":
         lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
                      max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0)
-        return Role(name, lm, LeanAdapter(), local=True)
+        return Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=True)
     if spec.model.startswith("openai/") and spec.api_base:
         served = ServedEngine(spec.api_base, os.environ[spec.api_key_env] if spec.api_key_env else None)
         lm = dspy.LM(spec.model, engine=served, temperature=spec.temperature, max_tokens=spec.max_tokens,
                      cache=spec.cache)
-        return Role(name, lm, dspy.ChatAdapter(), local=False)
+        # a served model is often a small one: DSPy's field markers and JSON fallback fail it where a
+        # plain prompt does not (measured on the served SmolLM2: every answer of a round lost)
+        return Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=False)
     kwargs: dict[str, Any] = {}
     if spec.api_base:
         kwargs["api_base"] = spec.api_base
     if spec.api_key_env:
         kwargs["api_key"] = os.environ[spec.api_key_env]
     lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache, **kwargs)
-    return Role(name, lm, dspy.ChatAdapter(), local=False)
+    return Role(name, lm, LeanAdapter() if spec.adapter == "plain" else dspy.ChatAdapter(), local=False)
