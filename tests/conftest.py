@@ -34,7 +34,7 @@ class ScriptedEngine:
         msgs += [{"role": m.role, "content": m.text or ""} for m in request.messages]
         cfg = request.config
         self.calls.append({"messages": msgs, "stop": tuple(cfg.stop), "response_format": cfg.response_format,
-                           "logprobs": cfg.logprobs, "extensions": cfg.extensions})
+                           "logprobs": cfg.logprobs, "extensions": cfg.extensions, "max_tokens": cfg.max_tokens})
         text = self.script(msgs)
         logprobs = None
         if cfg.logprobs is not None and cfg.max_tokens == 1:

@@ -227,3 +227,16 @@ def test_a_group_by_logprobs_is_one_turn_written_criterion_by_criterion():
     assert j.scores["grounded"].raw == pytest.approx(3.5) and j.scores["grounded"].rationale == "The answer follows the context"
     assert j.scores["cites"].raw == pytest.approx(0.1) and j.scores["polite"].raw == 5
     assert len(role.engine.calls) == 6  # (rationale, score) x 2 for the group, x 1 for polite
+
+
+def test_a_json_judge_gets_tokens_enough_for_its_rationale_and_score():
+    from selftune.panel import JSON_TOKENS
+
+    judge, role = judge_with('{"rationale": "fine", "score": 4}')
+    role.lm.kwargs["max_tokens"] = 40  # the default config's judge budget, sized for a one-line logprobs rationale
+    judge.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert role.engine.calls[-1]["max_tokens"] == JSON_TOKENS == 96
+    group = Rubric.model_validate({"criteria": [
+        {"name": n, "kind": "llm", "description": n, "group": "g"} for n in ("grounded", "clear")]})
+    Judge(group, role).judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
+    assert role.engine.calls[-1]["max_tokens"] == 2 * JSON_TOKENS

@@ -60,7 +60,7 @@ def test_a_reading_judge_is_trusted_once_measured(tmp_path, corpus_dir):
     assert "judge within the trust bar" in text and "## Judge trust bar: trusted" in text
     for figure, bar in (("grounded valid-score rate", ">= 0.95"), ("test-retest flip rate", "<= 0.25"),
                         ("swap consistency", ">= 0.6"), ("grounded score spread (SD)", ">= 0.05"),
-                        ("grounded rank rho with reference", ">= 0.2"), ("grounded length correlation", "|r| <= 0.6")):
+                        ("grounded rank rho with reference", ">= 0.2"), ("grounded length correlation", "within ±0.6")):
         row = rf"^\| {re.escape(figure)} \| [-+0-9.]+ \| {re.escape(bar)} \| \d+ \| ok \|$"
         assert re.search(row, text, re.M), figure
     parent = MlflowClient(cfg.tracking_uri()).get_run(tracker.parent_id)

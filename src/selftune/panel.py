@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 _SCORE = re.compile(r"score\"?\s*[:=]\s*\**\s*(\d+)", re.I)
 _RATIONALE = re.compile(r"rationale\s*:\s*(.*?)(?:\n\s*score\s*[:=]|$)", re.I | re.S)
 TIE_MARGIN = 0.05
+# A JSON reply's token floor per criterion: the schema's rationale may run to 240 characters (~60
+# tokens) before the score; a smaller budget cuts the reply before its score (measured: 2 of 8 served
+# judgments cut at the default config's 40 tokens, which suit the one-line logprobs rationale).
+JSON_TOKENS = 96
 # The probe call's item: written for this project; any judge worth the name scores it on any criterion.
 PROBE_ANSWER = Answer(
     probe=Probe(id="judge-probe", question="What does the pass statement do?",
@@ -168,7 +172,8 @@ class Panel:
             settled = None
             for mode in json_modes(fresh):
                 try:
-                    _, text = ask_json(fresh, system, [("user", user)], score_schema(lo, hi), mode=mode)
+                    _, text = ask_json(fresh, system, [("user", user)], score_schema(lo, hi),
+                                       max_tokens=_json_budget(fresh, 1), mode=mode)
                 except Exception as err:
                     got.append(f"{mode}: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
                     if not format_refused(err):  # unreachable, unauthorised, slow: another mode fares no better
@@ -215,11 +220,12 @@ class Panel:
                 return self._by_logprobs(role, system, user, cs)
             if len(cs) == 1:
                 lo, hi = cs[0].scale.min, cs[0].scale.max
-                _, text = ask_json(role, system, [("user", user)], score_schema(lo, hi))
+                _, text = ask_json(role, system, [("user", user)], score_schema(lo, hi),
+                                   max_tokens=_json_budget(role, 1))
                 raw, rationale = parse_score(text, lo, hi)
                 return [(raw, rationale if raw is not None else f"no score in judge output: {text[:200]!r}")]
-            budget = role.lm.kwargs.get("max_tokens") or 128
-            obj, text = ask_json(role, system, [("user", user)], group_schema(cs), max_tokens=budget * len(cs))
+            obj, text = ask_json(role, system, [("user", user)], group_schema(cs),
+                                 max_tokens=_json_budget(role, len(cs)))
             out: list[tuple[float | None, str]] = []
             for c in cs:
                 part = (obj or {}).get(c.name)
@@ -293,13 +299,18 @@ class Panel:
                 if p_a is None:
                     return None, "no A/B probability in the judge's next token"
                 return p_a, f"P(A) = {p_a:.2f}"
-            obj, text = ask_json(role, system, [("user", user)], PAIR_SCHEMA)
+            obj, text = ask_json(role, system, [("user", user)], PAIR_SCHEMA, max_tokens=_json_budget(role, 1))
             winner = str((obj or {}).get("winner", "")).strip()
             if winner not in ("A", "B", "tie"):
                 return None, f"no verdict in judge output: {text[:200]!r}"
             return {"A": 1.0, "B": 0.0, "tie": 0.5}[winner], str((obj or {}).get("rationale", ""))[:1000]
         except Exception as err:
             return None, f"judge call failed: {type(err).__name__}: {err}"[:300]
+
+
+def _json_budget(role: Role, criteria: int) -> int:
+    """Tokens for a JSON reply on ``criteria`` criteria: the role's ``max_tokens`` each, at least ``JSON_TOKENS``."""
+    return max(role.lm.kwargs.get("max_tokens") or 128, JSON_TOKENS) * criteria
 
 
 def check_judges(panel: Panel, c: LLMCriterion | None, file: str | Path, keys: list[str]) -> None:

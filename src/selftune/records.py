@@ -175,7 +175,7 @@ class Figure(Frozen):
 
     @property
     def threshold(self) -> str:
-        return f"|r| <= {self.bar:g}" if self.op == "|<=|" else f"{self.op} {self.bar:g}"
+        return f"within ±{self.bar:g}" if self.op == "|<=|" else f"{self.op} {self.bar:g}"  # no pipes: a table cell
 
     @property
     def pending(self) -> str:
