@@ -91,7 +91,7 @@ def test_local_judge_json_method_requests_schema_with_rationale_first():
     assert schema["properties"]["score"]["enum"] == [1, 2, 3, 4, 5]
     hosted, hrole = judge_with('{"rationale": "x is fine", "score": 3}')
     hosted.judge(Answer(probe=PROBE, text="pass does nothing", contexts=CTX))
-    # a hosted judge is asked in the provider's JSON-schema mode first (lm.json_modes), and parsed leniently
+    # a hosted judge is asked in the provider's JSON-schema mode first (hosted.json_modes), and parsed leniently
     assert _schema_of(hrole.engine.calls[0]["response_format"]) == schema and hrole.json_mode == "schema"
     # one LLM criterion, one structured call per item (no retry, no second pass)
     assert len(role.engine.calls) == 1 and len(hrole.engine.calls) == 1

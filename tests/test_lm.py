@@ -116,7 +116,8 @@ def test_hosted_json_tries_the_schema_mode_then_falls_back_and_remembers():
 
 
 def test_a_served_model_gets_the_json_object_schema_mode_llama_cpp_python_accepts():
-    from selftune.lm import ask_json, json_modes
+    from selftune.hosted import json_modes
+    from selftune.lm import ask_json
 
     role = refusing({"json_schema"})
     role.lm.kwargs["api_base"] = "http://127.0.0.1:1/v1"  # only read by json_modes: the engine owns the connection
@@ -186,7 +187,7 @@ def test_an_unreachable_judge_stops_the_run_at_the_probe_without_trying_other_mo
 def test_an_openai_compatible_server_gets_max_tokens_and_the_key_stays_in_its_client(monkeypatch):
     from dspy.lm15 import Config, Message, Request
 
-    from selftune.lm import ServedEngine, json_modes
+    from selftune.hosted import ServedEngine, json_modes
 
     monkeypatch.setenv("SERVED_KEY", "sk-served-123")
     role = build_role("sut", ModelSpec(model="openai/smollm2", api_base="http://127.0.0.1:9/v1",

@@ -24,6 +24,7 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage
 
 from .config import ROLES, Config, ModelSpec
 from .errors import InputError
+from .hosted import ServedEngine, format_refused, json_config, json_modes
 
 LOCAL_MODEL_ID = "local/smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,61 +173,12 @@ def parse_json_object(text: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-JSON_MODES = ("schema", "object", "prompt")
-
-
-def json_modes(role: Role) -> tuple[str, ...]:
-    """The ways a hosted model may be asked for JSON, most constrained first, or the one it settled on:
-
-    - ``schema``: the OpenAI ``response_format`` ``json_schema`` (OpenAI, vLLM, Ollama, llama.cpp's own
-      ``llama-server``; LiteLLM maps it for other providers); skipped for a hosted model (no
-      ``api_base``) that LiteLLM knows and reports without response-schema support;
-    - ``object``: ``{"type": "json_object", "schema": ...}``, which llama-cpp-python's server
-      (``python -m llama_cpp.server``) turns into a grammar; only for a model behind an ``api_base``;
-    - ``prompt``: no response format; the JSON is asked for in the prompt and parsed leniently."""
-    if role.json_mode is not None:
-        return (role.json_mode,)
-    served = isinstance(role.lm.engine, ServedEngine) or bool(role.lm.kwargs.get("api_base"))
-    modes = list(JSON_MODES)
-    if not served:
-        modes.remove("object")
-        import litellm
-
-        model = role.lm.model
-        known = model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost  # else the endpoint says
-        if known and not litellm.supports_response_schema(model=model):
-            modes.remove("schema")
-    return tuple(modes)
-
-
-def format_refused(err: Exception) -> bool:
-    """Did the endpoint refuse the request's shape (worth another JSON mode), rather than being
-    unreachable, slow, unauthorised or rate-limited (where another mode would fail the same way)?
-    llama-cpp-python's server answers an unknown ``response_format`` with HTTP 500, so any provider
-    error other than those counts as a refusal."""
-    from dspy.utils.exceptions import (LMAuthError, LMError, LMRateLimitError, LMTimeoutError,
-                                       LMTransportError)
-
-    return isinstance(err, LMError) and not isinstance(err, (LMAuthError, LMRateLimitError, LMTimeoutError,
-                                                            LMTransportError))
-
-
-def _json_config(mode: str, schema: dict[str, Any], max_tokens: int | None, temperature: Any) -> LMConfig:
-    if mode == "schema":
-        return LMConfig(max_tokens=max_tokens, temperature=temperature,
-                        response_format={"type": "json_schema", "name": "reply", "schema": schema})
-    if mode == "object":  # lm15 drops a json_object's schema, so it goes to the wire verbatim
-        return LMConfig(max_tokens=max_tokens, temperature=temperature,
-                        extensions={"response_format": {"type": "json_object", "schema": schema}})
-    return LMConfig(max_tokens=max_tokens, temperature=temperature)
-
-
 def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict[str, Any],
              max_tokens: int | None = None, mode: str | None = None) -> tuple[dict[str, Any] | None, str]:
     """One structured call: ``turns`` are (``user``|``assistant``, text), ending with a user turn.
 
     On the local model the reply is constrained by ``schema`` (a llama.cpp grammar). A hosted model is
-    asked in its JSON mode (``json_modes``; ``mode`` forces one): until the role has settled on one
+    asked in its JSON mode (``hosted.json_modes``; ``mode`` forces one): until the role has settled on one
     (``role.json_mode``, set by the judge probe or here by the first mode the endpoint accepts), a
     refused mode falls back to the next, down to prompt-and-parse. Every reply is parsed leniently.
     Returns (the parsed object or None, the raw text)."""
@@ -242,7 +194,7 @@ def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict
     for i, m in enumerate(modes):
         try:
             response = role.lm(Request(model=role.lm.model, system=system, messages=messages,
-                                       config=_json_config(m, schema, tokens, temperature)))
+                                       config=json_config(m, schema, tokens, temperature)))
         except Exception as err:
             if i == len(modes) - 1 or not format_refused(err):
                 raise
@@ -320,7 +272,7 @@ def _render_outputs(outs: list[str], values: dict[str, Any]) -> str:
 
 class Role:
     """A role's LM with the adapter that suits it. ``local`` tells callers they may use grammars;
-    ``json_mode`` is how a hosted model is asked for JSON once known (``json_modes``)."""
+    ``json_mode`` is how a hosted model is asked for JSON once known (``hosted.json_modes``)."""
 
     def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool, json_mode: str | None = None):
         self.name, self.lm, self.adapter, self.local, self.json_mode = name, lm, adapter, local, json_mode
@@ -398,40 +350,6 @@ class Models:
         if self._panel is None:
             self._panel = panel_roles(list(self.cfg.judge.models), self.engines)
         return self._panel
-
-
-class ServedEngine:
-    """A DSPy engine for an OpenAI-compatible server (an ``openai/<model>`` id with ``api_base``: vLLM,
-    llama.cpp, llama-cpp-python, LM Studio, Ollama's ``/v1``): lm15's Chat Completions client, the
-    token limit sent as ``max_tokens``, the field every such server reads. (lm15's OpenAI dialect sends
-    OpenAI's newer ``max_completion_tokens``, which llama-cpp-python's server ignores: a reply then
-    runs until the context is full, measured at over 13 minutes for one answer.) The key lives only in
-    this client, never in the LM's kwargs; without one, a placeholder is sent rather than any ambient
-    ``OPENAI_API_KEY``. DSPy's JSON fallback may ask it for a ``json_object``."""
-
-    supported_params = frozenset({"temperature", "max_tokens", "stop", "seed", "response_format"})
-    supports_response_schema = False  # selftune asks for schemas itself (json_modes); DSPy gets json_object
-
-    def __init__(self, api_base: str, api_key: str | None):
-        from dspy.lm15 import OpenAIChatCompat, OpenAIChatLM
-
-        self.api_base = api_base
-        self._client = OpenAIChatLM(api_key=api_key or "no-key", base_url=api_base,
-                                    compat=OpenAIChatCompat(max_tokens_field="max_tokens"))
-
-    def _wire(self, request: Any) -> Any:
-        import dataclasses
-
-        return dataclasses.replace(request, model=request.model.split("/", 1)[-1])  # the server's own name
-
-    def complete(self, request: Any) -> Response:
-        return self._client.complete(self._wire(request))
-
-    def stream(self, request: Any) -> Any:
-        return self._client.stream(self._wire(request))
-
-    def close(self) -> None:
-        pass
 
 
 def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:

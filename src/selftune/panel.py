@@ -27,7 +27,8 @@ from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request
 
 from .errors import InputError
-from .lm import Role, ask_json, format_refused, json_modes, parse_json_object
+from .hosted import format_refused, json_modes
+from .lm import Role, ask_json, parse_json_object
 from .prompts import PAIR_SCHEMA, criterion_prompt, group_schema, pairwise_prompt, score_schema
 from .records import Answer, Chunk, Probe, Score
 from .rubric import LLMCriterion, Scale
@@ -153,7 +154,7 @@ class Panel:
 
     def probe(self, c: LLMCriterion | None = None) -> list[tuple[int, str]]:
         """One probe call per member (response cache bypassed) on a fixed item and criterion ``c``:
-        does a score parse? A hosted JSON member tries its JSON modes in turn (``lm.json_modes``) and
+        does a score parse? A hosted JSON member tries its JSON modes in turn (``hosted.json_modes``) and
         settles on the first whose reply holds a score, so later calls need no fallback. Returns
         (member index, what came back) for each member that gave no score under any mode."""
         c = c or PROBE_CRITERION
