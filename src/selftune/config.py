@@ -57,6 +57,20 @@ class IntParam(Strict):
         return self
 
 
+class FloatParam(Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    initial: float
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        if not self.low <= self.initial <= self.high:
+            raise ValueError(f"`low <= initial <= high` must hold, but got "
+                             f"(low={self.low}, initial={self.initial}, high={self.high})")
+        return self
+
+
 class ChoiceParam(Strict):
     type: Literal["choice"]
     choices: list[int | float | str] = Field(min_length=1)
@@ -75,7 +89,13 @@ class TextParam(Strict):
     max_chars: int = Field(800, ge=20)
 
 
-ParamSpec = Annotated[IntParam | ChoiceParam | TextParam, Field(discriminator="type")]
+ParamSpec = Annotated[IntParam | FloatParam | ChoiceParam | TextParam, Field(discriminator="type")]
+# Optional params of the builtin RAG (absent = today's behaviour): name -> (lowest, highest, integers only).
+BUILTIN_OPTIONAL: dict[str, tuple[float, float, bool]] = {
+    "hybrid_weight": (0.0, 1.0, False), "demos": (0, 16, True), "max_tokens": (1, 8192, True),
+    "temperature": (0.0, 2.0, False), "repeat_penalty": (1.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False), "presence_penalty": (-2.0, 2.0, False),
+}
 
 
 class SutSpec(Strict):
@@ -218,14 +238,20 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     if cfg.sut.system == "builtin":
         for name in ("chunk_size", "chunk_overlap", "top_k"):
             spec = params[name]
-            values = [spec.low, spec.high] if isinstance(spec, IntParam) else spec.choices
-            if isinstance(spec, TextParam) or not all(isinstance(v, int) and v >= 0 for v in values):
+            values = [spec.low, spec.high] if isinstance(spec, IntParam | FloatParam) else getattr(spec, "choices", [])
+            if isinstance(spec, TextParam | FloatParam) or not all(isinstance(v, int) and v >= 0 for v in values):
                 raise InputError(path, f"sut.params.{name}", "expected type int or choice of integers >= 0")
         if min(_values(params["chunk_size"])) <= max(_values(params["chunk_overlap"])):
             raise InputError(path, "sut.params.chunk_overlap",
                              "every chunk_overlap must be smaller than every chunk_size")
         if min(_values(params["top_k"])) < 1:
             raise InputError(path, "sut.params.top_k", "expected top_k >= 1")
+        for name, (lo, hi, whole) in BUILTIN_OPTIONAL.items():
+            if name in params:
+                _check_optional(path, name, params[name], lo, hi, whole)
+        if "repeat_penalty" in params and cfg.models.sut.model != "local":
+            raise InputError(path, "sut.params.repeat_penalty", "repeat_penalty is the local (llama.cpp) model's; "
+                                                                "for a hosted sut use frequency_penalty or presence_penalty")
     specs = [(f"models.{role}.model", getattr(cfg.models, role)) for role in ROLES]
     specs += [(f"judge.models.{i}.model", spec) for i, spec in enumerate(cfg.judge.models or [])]
     for key, spec in specs:
@@ -237,10 +263,22 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     return cfg
 
 
-def _values(spec: IntParam | ChoiceParam | TextParam) -> list[int]:
-    if isinstance(spec, IntParam):
-        return [spec.low, spec.high]
+def _values(spec: IntParam | FloatParam | ChoiceParam | TextParam) -> list[int]:
+    if isinstance(spec, IntParam | FloatParam):
+        return [int(spec.low), int(spec.high)]
     return [int(v) for v in spec.choices]  # type: ignore[union-attr]
+
+
+def _check_optional(path: Path, name: str, spec: IntParam | FloatParam | ChoiceParam | TextParam,
+                    lo: float, hi: float, whole: bool) -> None:
+    kinds = "int or choice of integers" if whole else "int, float or choice of numbers"
+    values = [spec.low, spec.high] if isinstance(spec, IntParam | FloatParam) else getattr(spec, "choices", [])
+    numeric = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if isinstance(spec, TextParam) or (whole and isinstance(spec, FloatParam)) or len(numeric) != len(values) \
+            or (whole and not all(float(v).is_integer() for v in numeric)):
+        raise InputError(path, f"sut.params.{name}", f"expected type {kinds}")
+    if not all(lo <= v <= hi for v in numeric):
+        raise InputError(path, f"sut.params.{name}", f"expected values in [{lo:g}, {hi:g}], got {values}")
 
 
 def initial_params(cfg: Config) -> dict[str, int | float | str]:

@@ -50,7 +50,10 @@ class LlamaCppEngine:
     - ``logprobs=n`` with ``max_tokens=1``: the next-token distribution (top ``n``) from one forward
       pass, which is how the judge reads scale-token probabilities (G-Eval) without sampling.
 
-    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache)."""
+    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache).
+    Sampling: ``temperature``, ``frequency_penalty`` and ``presence_penalty`` from the request config,
+    ``repeat_penalty`` from ``config.extensions`` (llama.cpp's own knob, which DSPy's LM kwargs cannot
+    carry: see ``with_extensions``); unset ones keep llama.cpp's defaults (0, 0, 1.0: no penalty)."""
 
     def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
         from llama_cpp import Llama
@@ -101,6 +104,8 @@ class LlamaCppEngine:
             kwargs: dict[str, Any] = {
                 "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
                 "stop": [*cfg.stop, self.eos_text], "seed": cfg.seed if cfg.seed is not None else self.seed,
+                "frequency_penalty": cfg.frequency_penalty or 0.0, "presence_penalty": cfg.presence_penalty or 0.0,
+                "repeat_penalty": float((cfg.extensions or {}).get("repeat_penalty", 1.0)),
             }
             schema = _schema_of(cfg.response_format)
             if schema is not None:
@@ -159,6 +164,37 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self.llama.close()
+
+
+class WithExtensions:
+    """An engine view that adds lm15 ``Config.extensions`` to every request it forwards; it does not
+    own (or close) the engine. DSPy turns LM kwargs into a canonical lm15 Request and refuses keys
+    with no OpenAI-wire spelling (``repeat_penalty``), so such options travel with the engine."""
+
+    def __init__(self, engine: Any, extensions: dict[str, Any]):
+        self.engine, self.extensions = engine, dict(extensions)
+
+    def complete(self, request: Any) -> Response:
+        from dataclasses import replace
+
+        cfg = request.config
+        return self.engine.complete(replace(request, config=replace(
+            cfg, extensions={**(cfg.extensions or {}), **self.extensions})))
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+def with_extensions(lm: dspy.LM, **extensions: Any) -> dspy.LM:
+    """A copy of ``lm`` (over a custom engine) whose requests carry ``extensions``. Its model id names
+    them, because DSPy's cache key is model + messages + kwargs, never the engine."""
+    tag = ",".join(f"{k}={v}" for k, v in sorted(extensions.items()))
+    return lm.copy(engine=WithExtensions(lm.engine, extensions), model=f"{lm.model}+{tag}")
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
