@@ -127,10 +127,21 @@ class ProbeSpec(Strict):
     max_attempts_factor: int = Field(4, ge=1, le=20)
 
 
+class BudgetSpec(Strict):
+    calls: int | None = Field(1500, ge=1, description="LM calls a tune may make (every role, cached calls "
+                                                      "included); reaching it ends the tune after that candidate")
+
+
 class OptimizerSpec(Strict):
-    rounds: int = Field(3, ge=0, le=200)
+    rounds: int = Field(12, ge=0, le=500, description="at most this many candidates (the budget may stop sooner)")
     worst_k: int = Field(4, ge=1, le=50)
     sampler: Literal["tpe", "random"] = "tpe"
+    budget: BudgetSpec = BudgetSpec()
+    train_items: int | None = Field(16, ge=2, description="train probes answered per incumbent: the minibatch "
+                                                           "whose failures the rewriter sees and demos come from")
+    slices: list[int] = Field([10, 20], description="validation items after which a clearly losing candidate "
+                                                    "is pruned")
+    carry: int = Field(4, ge=1, le=100, description="retrieval settings carried from stage 1 (cheap screen) to stage 2")
 
 
 class GateSpec(Strict):
@@ -166,6 +177,8 @@ class JudgeSpec(Strict):
     flag_cap: float | None = Field(0.0, ge=0.0, le=1.0, description="cap on an answer flagged as gaming the judge")
     retest_sample: int = Field(8, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
     swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
+    monitor_sample: int = Field(8, ge=0, le=1000, description="below the trust bar, items per evaluation the judge "
+                                                             "model still scores (to keep measuring it)")
     trust: TrustSpec = TrustSpec()
 
     @field_validator("models", mode="before")

@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request, Response, TextPart, Usage
+from dspy.utils.callback import BaseCallback
 
 from .config import ROLES, Config, ModelSpec
 from .errors import InputError
@@ -308,6 +309,29 @@ def check_credentials(cfg: Config) -> None:
                              f"environment variable {spec.api_key_env} is not set (needed for {spec.model})")
 
 
+class CallLedger(BaseCallback):
+    """Counts LM calls by stage and by role, for the budget and the report. Every call counts, from
+    the response cache or not, so a rerun spends (and stops) exactly as the first run did."""
+
+    def __init__(self) -> None:
+        self.stage = "setup"
+        self.by_stage: dict[str, int] = {}
+        self.by_role: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+
+    def watch(self, lm: Any, role: str) -> None:
+        self._names[id(lm)] = role
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_stage.values())
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1
+        role = self._names.get(id(instance), getattr(instance, "model", "?"))
+        self.by_role[role] = self.by_role.get(role, 0) + 1
+
+
 class Engines:
     """One llama.cpp context per local role name (the weights are memory-mapped, so a context costs
     only its KV cache, ~100 MB): the judge's and the SUT's fixed prompt prefixes then stay cached
@@ -330,11 +354,11 @@ class Engines:
         self._engines.clear()
 
 
-def panel_roles(specs: list[ModelSpec], engines: Engines) -> list[Role]:
+def panel_roles(specs: list[ModelSpec], engines: Engines, ledger: CallLedger | None = None) -> list[Role]:
     """The judge panel's roles, named ``judge``, ``judge2``, ...; each local member gets its own
     context. The first is the primary judge (ragas LLM metrics)."""
     names = ["judge" if i == 0 else f"judge{i + 1}" for i in range(len(specs))]
-    return [build_role(n, spec, (lambda n=n: engines.get(n)) if spec.model == "local" else None)
+    return [build_role(n, spec, (lambda n=n: engines.get(n)) if spec.model == "local" else None, ledger)
             for n, spec in zip(names, specs)]
 
 
@@ -344,6 +368,7 @@ class Models:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.engines = Engines(cfg.seed)
+        self.ledger = CallLedger()
         self._roles: dict[str, Role] = {}
         self._panel: list[Role] | None = None
 
@@ -353,7 +378,8 @@ class Models:
     def role(self, name: str) -> Role:
         if name not in self._roles:
             spec: ModelSpec = getattr(self.cfg.models, name)
-            self._roles[name] = build_role(name, spec, (lambda: self.engines.get(name)) if spec.model == "local" else None)
+            self._roles[name] = build_role(name, spec, (lambda: self.engines.get(name)) if spec.model == "local" else None,
+                                           self.ledger)
         return self._roles[name]
 
     def judges(self) -> list[Role]:
@@ -361,19 +387,25 @@ class Models:
         if not self.cfg.judge.models:
             return [self.role("judge")]
         if self._panel is None:
-            self._panel = panel_roles(list(self.cfg.judge.models), self.engines)
+            self._panel = panel_roles(list(self.cfg.judge.models), self.engines, self.ledger)
         return self._panel
 
 
-def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:
+def build_role(name: str, spec: ModelSpec, engine: Any = None, ledger: CallLedger | None = None) -> Role:
+    callbacks = [ledger] if ledger is not None else []
     if spec.model == "local":
         lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
-                     max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0)
-        return Role(name, lm, LeanAdapter(), local=True)
-    kwargs: dict[str, Any] = {}
-    if spec.api_base:
-        kwargs["api_base"] = spec.api_base
-    if spec.api_key_env:
-        kwargs["api_key"] = os.environ[spec.api_key_env]
-    lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache, **kwargs)
-    return Role(name, lm, dspy.ChatAdapter(), local=False)
+                     max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0, callbacks=callbacks)
+        role = Role(name, lm, LeanAdapter(), local=True)
+    else:
+        kwargs: dict[str, Any] = {}
+        if spec.api_base:
+            kwargs["api_base"] = spec.api_base
+        if spec.api_key_env:
+            kwargs["api_key"] = os.environ[spec.api_key_env]
+        lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache,
+                     callbacks=callbacks, **kwargs)
+        role = Role(name, lm, dspy.ChatAdapter(), local=False)
+    if ledger is not None:
+        ledger.watch(lm, name)
+    return role

@@ -144,3 +144,4 @@ class Round(Frozen):
     notes: tuple[str, ...] = ()  # how the candidate was made (e.g. rewrite rejected, fallback used)
     judge_stats: dict[str, float] = Field(default_factory=dict)  # reliability figures so far (trust.Monitor)
     trusted: bool = True  # did the judge clear the trust bar when this round was decided
+    pruned: bool = False  # stopped early on validation (clearly losing): never compared or promoted

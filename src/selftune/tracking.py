@@ -47,7 +47,10 @@ def judgments_frame(ev: Evaluation) -> pd.DataFrame:
 
 
 def eval_metrics(ev: Evaluation, criteria: list[str]) -> dict[str, float]:
+    """Per-split metrics; none for a split this candidate did not answer (e.g. train when not promoted)."""
     out: dict[str, float] = {}
+    if not ev.judgments:
+        return out
     if (o := ev.overall()) is not None:
         out[f"{ev.split}/overall"] = o
     for name in criteria:
@@ -114,7 +117,8 @@ class MlflowTracker:
         assert self.parent_id is not None
         child = self.client.create_run(self.experiment_id, run_name=f"round-{rnd.index:02d}",
                                        tags={"mlflow.parentRunId": self.parent_id, "selftune.round": str(rnd.index),
-                                             "selftune.promoted": str(rnd.gate.promote)})
+                                             "selftune.promoted": str(rnd.gate.promote),
+                                             "selftune.pruned": str(rnd.pruned)})
         cid = child.info.run_id
         try:
             params = [Param(k, str(v)[:PARAM_MAX]) for k, v in sorted(rnd.params.items())]
@@ -174,9 +178,12 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        m.update({(k if k.startswith(("judge/", "checks/")) else f"stats/{k}"): float(v) for k, v in result.stats.items()
+        top = ("judge/", "checks/", "alarms/", "calls/", "search/", "gate/", "objective/", "gain/")
+        m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
+        if result.stats.get("stopped_because"):
+            self.client.set_tag(pid, "selftune.stopped_because", str(result.stats["stopped_because"])[:PARAM_MAX])
         if "judge/untrusted_because" in result.stats:
             self.client.set_tag(pid, "selftune.judge_untrusted", str(result.stats["judge/untrusted_because"])[:PARAM_MAX])
         self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
@@ -207,7 +214,8 @@ def _valid_rate(result: Any) -> float:
 def rounds_frame(rounds: list[Round]) -> pd.DataFrame:
     rows = []
     for r in rounds:
-        row = {"round": r.index, "train": r.train.overall(), "val": r.val.overall(), "promoted": r.gate.promote,
+        row = {"round": r.index, "train": r.train.overall(), "val": r.val.overall(), "n_val": len(r.val.judgments),
+               "promoted": r.gate.promote,
                "incumbent": r.incumbent_index, "gate": r.gate.reason, "notes": "; ".join(r.notes)}
         row.update({k: v for k, v in r.params.items() if not isinstance(v, str)})
         rows.append(row)
@@ -237,12 +245,47 @@ def report(result: Any) -> str:
         lines.append(f"- on the deterministic criteria alone: validation {st['checks/val_baseline']:.3f} -> "
                      f"{st['checks/val_best']:.3f}, held-out test {st['checks/test_baseline']:.3f} -> "
                      f"{st['checks/test_best']:.3f}")
+    lines += _evidence_lines(st)
     if st.get("judge/trusted") == 0.0:
         lines.append(f"- JUDGE BELOW THE TRUST BAR ({st.get('judge/untrusted_because', '')}): "
                      "promotion used deterministic criteria only")
     elif "judge/trusted" in st:
         lines.append("- judge within the trust bar: its scores counted for promotion")
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(st: dict[str, Any]) -> list[str]:
+    """The proof of a tune: each gain with its interval, the smallest gain the gate can see, where the
+    LM calls went, and the reward-hacking alarms."""
+    out = []
+    for on, what in (("", f"on the objective that decided ({st.get('gain/objective', '?')})"),
+                     ("checks/", "on the deterministic criteria alone")):
+        parts = [f"{split} {st[f'{on}gain/{split}_gain']:+.3f} [{st[f'{on}gain/{split}_low']:+.3f}, "
+                 f"{st[f'{on}gain/{split}_high']:+.3f}] (n={int(st[f'{on}gain/{split}_n'])})"
+                 for split in ("val", "test") if f"{on}gain/{split}_gain" in st]
+        if parts:
+            out.append(f"- best over baseline {what}, paired-bootstrap interval: " + "; ".join(parts))
+    if "gate/min_detectable_effect" in st:
+        out.append(f"- minimum detectable effect of the validation split: {st['gate/min_detectable_effect']:.3f} "
+                   f"(n={int(st['gate/n_val'])}, paired SD {st['gate/paired_sd']:.3f}, 80% power at the gate's "
+                   "confidence)")
+    calls = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("calls/") and k not in
+             ("calls/total", "calls/budget")}
+    if calls:
+        budget = f" of a budget of {int(st['calls/budget'])}" if "calls/budget" in st else ""
+        screened = int(st.get("search/stage1_settings_screened", 0))
+        out.append(f"- LM calls: {int(st.get('calls/total', sum(calls.values())))}{budget}: "
+                   + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in calls.items())
+                   + f"; stage 1 screened {screened} retrieval settings with no LM call")
+    if "search/stage2_full" in st:
+        out.append(f"- candidates: {int(st['search/stage2_full'])} searched in full, {int(st['search/stage2_pruned'])} "
+                   f"pruned early; {int(st.get('search/carried', 0))} retrieval settings carried from stage 1")
+    alarms = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("alarms/")}
+    out.append("- reward-hacking alarms on proposals: " + (", ".join(f"{k} {v}" for k, v in alarms.items())
+                                                            if alarms else "none"))
+    if st.get("stopped_because"):
+        out.append(f"- stopped: {st['stopped_because']}")
+    return out
 
 
 def _has_tabulate() -> bool:
