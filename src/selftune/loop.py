@@ -60,7 +60,8 @@ class Session:
         check_credentials(cfg)
         self.cfg = cfg
         self.rubric = load_rubric(cfg.rubric)
-        self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config")
+        self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config",
+                                          cfg.corpus.follow_symlinks, cfg.corpus.max_file_mb)
         self.embedder = Embedder(cfg.embedder)
         self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma")
         self.models = models or Models(cfg)
