@@ -65,6 +65,11 @@ class Ws:
         self.append(path, text)
         return f"line {n}"
 
+    def fifo(self, name: str) -> Path:
+        """A named pipe: reading it would block for ever."""
+        os.mkfifo(self.tmp / name)
+        return self.tmp / name
+
     def file(self, name: str, data: str | bytes) -> Path:
         path = self.tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,7 @@ CASES: dict[str, Callable[[Ws], Bad]] = {
     "config-not-a-mapping": lambda w: Bad(w.tune(w.file("list.yaml", "- a\n")), w.tmp / "list.yaml", "", "mapping"),
     "config-missing": lambda w: Bad(w.tune(w.tmp / "absent.yaml"), w.tmp / "absent.yaml", "", "file not found"),
     "config-is-a-directory": lambda w: Bad(w.tune(w.docs), w.docs, "", "is a directory, expected a YAML file"),
+    "config-is-a-pipe": lambda w: Bad(w.tune(w.fifo("pipe.yaml")), w.tmp / "pipe.yaml", "", "not a regular file"),
     "config-not-utf8": lambda w: Bad(w.tune(w.cfg), w.cfg, w.next_line(w.cfg, LATIN1), "expected UTF-8 text"),
     "config-control-character": lambda w: Bad(w.tune(w.cfg), w.cfg, w.next_line(w.cfg, "x: a\x07b\n"),
                                               "expected printable text"),
@@ -245,7 +251,7 @@ def ws(tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Ws:
 
 def _files(root: Path, skip: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not p.is_symlink() and skip not in p.parents}
+            if p.is_file() and not p.is_symlink() and skip not in p.parents}  # is_file: not the pipe
 
 
 @pytest.mark.parametrize("case", list(CASES))

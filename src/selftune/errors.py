@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ class InputError(Exception):
         self.file, self.key, self.expected = str(file), key, expected
         where = f"{self.file}: {key}" if key else self.file
         # One line, always: a YAML parser's or OS's message may carry newlines of its own.
-        super().__init__(" ".join(f"{where}: {expected}".split()))
+        super().__init__(re.sub(r"\s*\n\s*", " ", f"{where}: {expected}"))
 
 
 def read_text(path: Path, kind: str) -> str:
@@ -28,7 +29,7 @@ def read_text(path: Path, kind: str) -> str:
     if path.is_dir():
         raise InputError(path, "", f"is a directory, expected {kind}")
     if not path.is_file():
-        raise InputError(path, "", "file not found")
+        raise InputError(path, "", f"not a regular file, expected {kind}" if path.exists() else "file not found")
     try:
         data = path.read_bytes()
     except OSError as err:
