@@ -141,3 +141,28 @@ def test_optional_rag_params_load_and_a_hosted_sut_has_no_repeat_penalty(tmp_pat
     with pytest.raises(InputError) as info:
         load_config(path)
     assert info.value.key == "sut.params.repeat_penalty" and "frequency_penalty" in info.value.expected
+
+
+def test_load_params_merges_over_initial_and_reads_what_tune_writes(tmp_path, corpus_dir):
+    from selftune.config import initial_params, load_params
+    from selftune.loop import write_best
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    partial = tmp_path / "p.yaml"
+    partial.write_text("params: {top_k: 3}\n")
+    assert load_params(partial, cfg) == {**initial_params(cfg), "top_k": 3}
+    best = {"instructions": "Quote the context: \"é\".", "top_k": 1, "chunk_size": 120, "chunk_overlap": 0}
+    write_best(tmp_path / "best" / "t.yaml", best)
+    assert load_params(tmp_path / "best" / "t.yaml", cfg) == best
+
+
+def test_bad_glob_and_corpus_keys(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace(f"corpus: {{path: {corpus_dir}}}",
+                                             f"corpus: {{path: {corpus_dir}, glob: ['/etc/*']}}"))
+    with pytest.raises(InputError, match="relative to corpus.path") as info:
+        load_config(path)
+    assert info.value.key == "corpus.glob[0]"
+    path.write_text(path.read_text().replace("glob: ['/etc/*']", "follow_symlinks: true, max_file_mb: 0.5"))
+    cfg = load_config(path)
+    assert cfg.corpus.follow_symlinks is True and cfg.corpus.max_file_mb == 0.5

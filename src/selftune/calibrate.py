@@ -32,7 +32,7 @@ PASS = {"pass": 1, "fail": 0, True: 1, False: 0}
 
 def read_items(path: Path, rubric: Rubric | None = None, need_labels: bool = False) -> list[dict[str, Any]]:
     """Validated rows; every problem names the file, the line and the key."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "", "file not found")
     names = {c.name: c for c in rubric.criteria} if rubric else {}
     rows = []

@@ -63,8 +63,7 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
           corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
           params: str = typer.Option("best", help="baseline | best | PATH to a params YAML")) -> None:
     """Answer your own questions with the pipeline and score them with the rubric."""
-    from .config import initial_params, load_config
-    from .errors import read_yaml
+    from .config import initial_params, load_config, load_params
 
     try:
         cfg = load_config(config, corpus)
@@ -72,21 +71,17 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
         from .loop import Session
         from .probes import load_user_probes
 
-        if not questions.is_file():
-            raise InputError(questions, "", "file not found")
         probes = [p.model_copy(update={"split": "test"}) for p in load_user_probes(questions)]
-        chosen = dict(initial_params(cfg))
+        if not probes:
+            raise InputError(questions, "", "no questions; expected one JSON object per line")
+        if out.is_dir():
+            raise InputError(out, "", "is a directory, expected a file to write the answers to")
+        chosen = initial_params(cfg)
         if params != "baseline":
             path = cfg.best_path() if params == "best" else Path(params)
-            if not path.is_file():
+            if not path.exists():
                 raise InputError(path, "", "no params file (run `selftune tune` first, or pass --params baseline)")
-            data = read_yaml(path)
-            if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
-                raise InputError(path, "params", "expected a mapping of param name to value")
-            unknown = sorted(set(data["params"]) - set(chosen))
-            if unknown:
-                raise InputError(path, f"params.{unknown[0]}", f"unknown param; expected one of {sorted(chosen)}")
-            chosen.update(data["params"])
+            chosen = load_params(path, cfg)
         session = Session(cfg)
         try:
             ev = session.evaluate(chosen, probes, "test", progress)
@@ -98,6 +93,12 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
 
     _write_jsonl(out, eval_rows(ev))
     typer.echo(f"wrote {len(ev.judgments)} answers to {out} (overall {ev.overall() if ev.overall() is not None else 'n/a'})")
+
+
+def _writable(out: Path) -> None:
+    """Checked before any work, so nothing computed is lost to a bad --out."""
+    if out.is_dir():
+        raise InputError(out, "", "is a directory, expected a file to write to")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -118,6 +119,7 @@ def judge_cmd(rubric: Path = typer.Option(..., help="rubric YAML"),
     from .runtime import judge_runtime
 
     try:
+        _writable(out)
         rows = read_items(items)
         rt = judge_runtime(rubric, config, seed)
         try:
@@ -145,6 +147,8 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     from .runtime import judge_runtime
 
     try:
+        if out is not None:
+            _writable(out)
         rows = read_items(labels, load_rubric(rubric), need_labels=True)
         rt = judge_runtime(rubric, config, seed)
         try:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InputError, read_yaml, validate
+from .records import Params
 
 ROLES = ("generator", "sut", "judge", "optimizer")
 
@@ -38,9 +39,17 @@ class Models(Strict):
     optimizer: ModelSpec = ModelSpec(temperature=0.7, max_tokens=120)
 
 
+def _relative_glob(g: str) -> str:
+    if not g.strip() or g.startswith(("/", "~")) or ".." in g.split("/"):
+        raise ValueError("expected a pattern relative to corpus.path (no leading '/' or '..')")
+    return g
+
+
 class CorpusSpec(Strict):
     path: Path
-    glob: list[str] = ["**/*.md", "**/*.txt"]
+    glob: list[Annotated[str, AfterValidator(_relative_glob)]] = Field(["**/*.md", "**/*.txt"], min_length=1)
+    follow_symlinks: bool = Field(False, description="read links that resolve outside `path` (off: skipped)")
+    max_file_mb: float = Field(20.0, gt=0, le=100_000, description="larger documents are skipped and reported")
 
 
 class IntParam(Strict):
@@ -248,6 +257,13 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     if cfg.probes.file is not None and not cfg.probes.file.is_file():
         raise InputError(path, "probes.file", f"expected an existing JSONL file, got {cfg.probes.file}")
     params = cfg.sut.params
+    for name, spec in params.items():
+        problem = param_problem(spec, spec.initial)
+        if problem:
+            raise InputError(path, f"sut.params.{name}.initial", problem)
+    clash = cross_field_problem(initial_params(cfg))
+    if clash:
+        raise InputError(path, f"sut.params.{clash[0]}.initial", clash[1])
     if cfg.sut.system == "builtin":
         for name in ("chunk_size", "chunk_overlap", "top_k"):
             spec = params[name]
@@ -265,6 +281,13 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
         if "repeat_penalty" in params and cfg.models.sut.model != "local":
             raise InputError(path, "sut.params.repeat_penalty", "repeat_penalty is the local (llama.cpp) model's; "
                                                                 "for a hosted sut use frequency_penalty or presence_penalty")
+    if cfg.embedder != "default" and cfg.embedder.startswith(("/", "./", "../", "~")):
+        where = Path(cfg.embedder).expanduser()
+        where = where if where.is_absolute() else (base / where).resolve()
+        if not where.is_dir():
+            raise InputError(path, "embedder", f"expected 'default' or an existing sentence-transformers folder, "
+                                               f"got {cfg.embedder}")
+        cfg = cfg.model_copy(update={"embedder": str(where)})
     specs = [(f"models.{role}.model", getattr(cfg.models, role)) for role in ROLES]
     specs += [(f"judge.models.{i}.model", spec) for i, spec in enumerate(cfg.judge.models or [])]
     for key, spec in specs:
@@ -294,5 +317,60 @@ def _check_optional(path: Path, name: str, spec: IntParam | FloatParam | ChoiceP
         raise InputError(path, f"sut.params.{name}", f"expected values in [{lo:g}, {hi:g}], got {values}")
 
 
-def initial_params(cfg: Config) -> dict[str, int | float | str]:
+def initial_params(cfg: Config) -> Params:
     return {name: spec.initial for name, spec in cfg.sut.params.items()}
+
+
+def param_problem(spec: IntParam | FloatParam | ChoiceParam | TextParam, value: object) -> str | None:
+    """What a value of this param must be, if ``value`` is not that; None if it is."""
+    if isinstance(spec, FloatParam):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        return None if ok else f"expected a number in [{spec.low:g}, {spec.high:g}], got {value!r}"
+    if isinstance(spec, IntParam):
+        ok = isinstance(value, int) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        return None if ok else f"expected an integer in [{spec.low}, {spec.high}], got {value!r}"
+    if isinstance(spec, ChoiceParam):
+        # type-exact: YAML's `true` is not the choice 1, nor "1" the choice 1
+        ok = any(type(value) is type(c) and value == c for c in spec.choices)
+        return None if ok else f"expected one of {spec.choices}, got {value!r}"
+    if not isinstance(value, str) or not value.strip():
+        return f"expected non-empty text, got {value!r:.80}"
+    if len(value) > spec.max_chars:
+        return f"expected text of at most {spec.max_chars} characters (max_chars), got {len(value)}"
+    return None
+
+
+def cross_field_problem(values: Params) -> tuple[str, str] | None:
+    """(param name, what was expected) when params that must agree do not: overlap < chunk size."""
+    size, overlap = values.get("chunk_size"), values.get("chunk_overlap")
+    if isinstance(size, int) and isinstance(overlap, int) and not 0 <= overlap < size:
+        return "chunk_overlap", f"expected 0 <= chunk_overlap < chunk_size, got {overlap} and chunk_size {size}"
+    return None
+
+
+def load_params(path: str | Path, cfg: Config) -> Params:
+    """The params a params YAML (``{params: {name: value}}``, as ``selftune tune`` writes to
+    ``<workdir>/best/<name>.yaml``) sets, over the config's initial params (a file may set only some).
+    Every value is checked against ``cfg.sut.params``: known name, type, int range, choice, text
+    length, and cross-field rules (chunk_overlap < chunk_size). Anything else is an InputError naming
+    the file and ``params.<name>``; nothing is loaded or built, so it can run before any model."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+        raise InputError(path, "params", "expected a mapping `params: {name: value}`")
+    extra = sorted(str(k) for k in data if k != "params")
+    if extra:
+        raise InputError(path, extra[0], "unknown key; expected only `params`")
+    specs = cfg.sut.params
+    chosen: Params = initial_params(cfg)
+    for name, value in data["params"].items():
+        if name not in specs:
+            raise InputError(path, f"params.{name}", f"unknown param; expected one of {sorted(specs)}")
+        problem = param_problem(specs[name], value)
+        if problem:
+            raise InputError(path, f"params.{name}", problem)
+        chosen[name] = value
+    clash = cross_field_problem(chosen)
+    if clash:
+        raise InputError(path, f"params.{clash[0]}", clash[1])
+    return chosen

@@ -62,7 +62,10 @@ class Session:
         check_credentials(cfg)
         self.cfg = cfg
         self.rubric = load_rubric(cfg.rubric)
-        self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config")
+        if cfg.probes.file is not None:  # a bad line is a clear error now, not after minutes of synthesis
+            P.load_user_probes(cfg.probes.file)
+        self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config",
+                                          cfg.corpus.follow_symlinks, cfg.corpus.max_file_mb)
         self.embedder = Embedder(cfg.embedder)
         self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma")
         self.models = models or Models(cfg)
@@ -162,6 +165,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     ledger.stage = "probes"
     probes, stats = session.probes(progress)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
+    stats["corpus_skipped"] = len(session.corpus.skipped)
+    if session.corpus.skipped:
+        stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)
     n_val = sum(p.split == "val" for p in probes)
     # The optimizer is built from train/val material only: it is never handed a test probe.

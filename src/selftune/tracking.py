@@ -245,6 +245,8 @@ def report(result: Any) -> str:
         lines.append(f"- on the deterministic criteria alone: validation {st['checks/val_baseline']:.3f} -> "
                      f"{st['checks/val_best']:.3f}, held-out test {st['checks/test_baseline']:.3f} -> "
                      f"{st['checks/test_best']:.3f}")
+    if st.get("corpus_skipped"):
+        lines.append(f"- corpus: {st['corpus_skipped_because']}")
     lines += _evidence_lines(st)
     if st.get("judge/trusted") == 0.0:
         lines.append(f"- JUDGE BELOW THE TRUST BAR ({st.get('judge/untrusted_because', '')}): "
