@@ -48,6 +48,7 @@ tune: setup
 	$(BIN)/selftune tune $(CONFIG) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 test: setup
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ui: $(STAMP)
