@@ -6,7 +6,7 @@ import re
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FakeModels, no_progress, write_config
+from conftest import FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
 from selftune.tracking import MlflowTracker
@@ -98,3 +98,24 @@ def test_interrupt_keeps_finished_rounds(tmp_path, corpus_dir, monkeypatch):
                                   filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
     assert sorted(c.data.tags["selftune.round"] for c in children) == ["0", "1"]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, corpus_dir):
+    """Round 1 is stage 1's retrieval move; round 2 rewrites the instructions into nonsense, which is
+    stopped after the first slice of validation: recorded as pruned, never compared or promoted."""
+    from selftune.demo_corpus import materialize
+
+    materialize(corpus_dir / "ref", ["assert", "pass", "break", "continue", "del", "return", "global", "raise"])
+    cfg = load_config(write_config(tmp_path, corpus_dir, probes="{count: 30}",
+                                   optimizer="{rounds: 2, slices: [3], train_items: 4}"))
+    models = FakeModels()
+    sut = models.roles["sut"].engine.script
+    models.roles["sut"].engine.script = lambda m: "banana" if "banana" in m[0]["content"] else sut(m)
+    models.roles["optimizer"] = fake_role(lambda m: "Reply with the single word banana and nothing else at all.")
+    result = tune(Session(cfg, models=models), 2, MlflowTracker(cfg), no_progress)
+    r2 = result.rounds[2]
+    n_val = len(result.rounds[0].val.judgments)
+    assert n_val > 3 and r2.pruned and len(r2.val.judgments) == 3 and not r2.gate.promote
+    assert r2.gate.reason.startswith("pruned after 3 validation items: clearly worse than the incumbent")
+    assert all(j.answer.text == "banana" for j in r2.val.judgments) and r2.train.judgments == ()
+    assert result.stats["search/stage1_settings_screened"] > 0 and result.stats["calls/total"] > 0

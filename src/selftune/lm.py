@@ -322,6 +322,13 @@ class CallLedger(BaseCallback):
     def watch(self, lm: Any, role: str) -> None:
         self._names[id(lm)] = role
 
+    def attach(self, role: Role) -> None:
+        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test)."""
+        callbacks = role.lm.callbacks
+        if not any(c is self for c in callbacks):
+            callbacks.append(self)
+        self.watch(role.lm, role.name)
+
     @property
     def total(self) -> int:
         return sum(self.by_stage.values())

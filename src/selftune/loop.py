@@ -72,6 +72,9 @@ class Session:
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
         judges = self.models.judges() if self.rubric.needs_judge_model() else None
+        if not isinstance(self.models, Models):  # built elsewhere (a test's fakes): count their calls too
+            for role in [self.models.role(n) for n in ("generator", "sut", "optimizer")] + list(judges or []):
+                self.ledger.attach(role)
         self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
                            flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
 

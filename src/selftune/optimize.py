@@ -245,7 +245,7 @@ class Optimizer:
         n = len(judgments)
         part = Evaluation(params={}, split="val", judgments=tuple(judgments))
         diffs = paired_diffs(part, incumbent, self.objective)
-        if len(diffs) >= 5:
+        if len(diffs) >= 3:
             mean, low, high = paired_bootstrap(diffs, gate.confidence, gate.resamples, self.seed + n)
             if high < 0:
                 self.pruned_reason = (f"pruned after {n} validation items: clearly worse than the incumbent "
