@@ -132,6 +132,8 @@ def test_no_test_probe_text_reaches_the_optimizer_model(tmp_path, corpus_dir):
     calls = models.roles["optimizer"].engine.calls
     seen = "\n".join(m["content"] for call in calls for m in call["messages"])
     assert calls and secrets and any(q in seen for q in train_qs)  # it did see train failures
+    # the fake optimizer model is hosted: its rewrite ran GEPA on train minibatches through the loop's callback
+    assert result.stats["search/gepa_runs"] == 1 and result.stats["search/gepa_items_answered"] > 0
     assert not [s for s in secrets if s in seen]
 
 
