@@ -106,7 +106,7 @@ def test_lean_path_mutates_the_pool_parent_with_one_local_call():
     assert params == {"instructions": reply["text"]} and len(seen) == 1
     assert f"Current instructions:\n{B}" in seen[0]  # the parent is B, the best kept, not the incumbent's A
     assert "train probe number 0" in seen[0]  # B never answered train: the incumbent's train failures are shown
-    assert "parent: the text of round 1" in notes[0]
+    assert "parent: the text from round 1" in notes[0]
     # the same text under the same params is not proposed again: the weakest criterion's hint instead
     history.append(rnd(2, params, [0.3, 0.3, 0.3]))
     params, notes = opt.propose(history)

@@ -295,7 +295,7 @@ class Optimizer:
         except Exception as err:
             reason = f"optimizer call failed: {type(err).__name__}"
         if parent != current:
-            made += f"; parent: the text of {pool.entries[parent].origin}"
+            made += f"; parent: the text from {pool.entries[parent].origin}"
         for text in (t.strip().strip('"').strip() for t in texts):
             reason = validate_rewrite(text, spec, current) or (
                 "already evaluated with these params" if pool.judgments(text, {**incumbent.params, name: text}, "val")

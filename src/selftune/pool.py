@@ -42,7 +42,7 @@ def context(params: Params, name: str) -> Context:
 @dataclass
 class Entry:
     text: str
-    origin: str  # where it came from: "round 3", "gepa", ...
+    origin: str  # where it was first evaluated: "round 3", "a GEPA run"
     contexts: dict[Context, dict[Item, Judgment]] = field(default_factory=dict)
 
 
@@ -168,7 +168,7 @@ class SelftuneAdapter:
             if [j.answer.probe.id for j in fresh] != [p.id for p in todo]:
                 raise RuntimeError("the train evaluation callback did not answer the probes it was given")
             self.answered += len(todo)
-            self.pool.add(params, fresh, "gepa")
+            self.pool.add(params, fresh, "a GEPA run")
             known.update({j.answer.probe.id: j for j in fresh})
         judged = [known.get(p.id) for p in batch]
         values = [None if j is None else self.objective.item(j) for j in judged]
