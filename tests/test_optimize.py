@@ -35,7 +35,9 @@ def cheap(setting):  # a cheap objective that prefers more chunks, then the smal
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_one_lever_per_round_first_move_from_stage_1_then_search_and_rewrites(sampler):
     seen = []
-    role = fake_role(lambda m: (seen.append(m[-1]["content"]), "Answer in one short sentence quoting the context.")[1])
+    # a new text per call: the same text under the same params is not proposed twice (test_pool.py)
+    role = fake_role(lambda m: (seen.append(m[-1]["content"]),
+                                f"Answer in one short sentence quoting the context, take {len(seen)}.")[1])
     opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(sampler=sampler), seed=0, cheap=cheap)
     history = [rnd(0, BASE, 0.4)]
     for i in range(1, 7):
@@ -46,7 +48,8 @@ def test_one_lever_per_round_first_move_from_stage_1_then_search_and_rewrites(sa
             assert params["instructions"] == incumbent.params["instructions"] and notes[0].startswith("search")
         else:  # rewrite rounds change the instructions only
             assert {k: params[k] for k in ("top_k", "chunk_size")} == {k: incumbent.params[k] for k in ("top_k", "chunk_size")}
-            assert params["instructions"] == "Answer in one short sentence quoting the context." and "rewritten" in notes[0]
+            assert params["instructions"] == f"Answer in one short sentence quoting the context, take {len(seen)}."
+            assert "rewritten" in notes[0]
         if i == 1:  # stage 1's best retrieval setting, no LM call made for it
             assert (params["top_k"], params["chunk_size"]) == (4, 100) and not seen
         history.append(rnd(i, params, 0.4 + i / 100))
@@ -129,6 +132,8 @@ def test_no_test_probe_text_reaches_the_optimizer_model(tmp_path, corpus_dir):
     calls = models.roles["optimizer"].engine.calls
     seen = "\n".join(m["content"] for call in calls for m in call["messages"])
     assert calls and secrets and any(q in seen for q in train_qs)  # it did see train failures
+    # the fake optimizer model is hosted: its rewrite ran GEPA on train minibatches through the loop's callback
+    assert result.stats["search/gepa_runs"] == 1 and result.stats["search/gepa_items_answered"] > 0
     assert not [s for s in secrets if s in seen]
 
 

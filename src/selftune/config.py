@@ -151,6 +151,11 @@ class OptimizerSpec(Strict):
     slices: list[int] = Field([10, 20], description="validation items after which a clearly losing candidate "
                                                     "is pruned")
     carry: int = Field(4, ge=1, le=100, description="retrieval settings carried from stage 1 (cheap screen) to stage 2")
+    parent: Literal["auto", "best", "pareto"] = Field(
+        "auto", description="which pool text a rewrite mutates: best validation mean, or a draw from the Pareto "
+                            "front over items (GEPA's way); auto: pareto with a hosted optimizer model, else best")
+    gepa_calls: int = Field(40, ge=1, le=100000, description="hosted optimizer model: train items a rewrite's GEPA run "
+                                                             "may evaluate (max_metric_calls, pool re-uses included)")
 
 
 class GateSpec(Strict):

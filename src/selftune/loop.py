@@ -176,6 +176,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     # The optimizer is built from train/val material only: it is never handed a test probe.
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,
                           cheap=session.retrieval_objective([p for p in probes if p.split != "test"]))
+    # GEPA's minibatches (hosted optimizer model): train probes only; LLM scores only where they count
+    optimizer.evaluate_train = lambda ps, items: list(session.evaluate(
+        ps, items, "train", progress, llm_items=0 if objective.kind == "checks" else None).judgments)
     monitor = Monitor(rubric, session.judge, cfg.judge, cfg.seed)
     pairwise_mode = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
     stop_reason = ""

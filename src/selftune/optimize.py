@@ -1,8 +1,10 @@
 """The optimizer: ``propose(history) -> (params, notes)``.
 
 Retrieval settings come from a seeded Optuna sampler told the validation score of every evaluated
-round. Text params (``instructions``) are rewritten by the optimizer model from the incumbent's
-lowest-scored *train* items and their rationales (reflective, GEPA-style). A rewrite that is empty,
+round. Text params (``instructions``) are rewritten from lowest-scored *train* items and their
+rationales (reflective): a parent drawn from the pool of every text evaluated (``pool.py``) is mutated
+by one call of the local optimizer model, or by the ``gepa`` library on train minibatches when the
+optimizer model is hosted and the loop hands a train evaluation callback. A rewrite that is empty,
 too long or smuggles fence/markup text is rejected; the fallback appends the user's own description
 of the weakest criterion. The optimizer is handed only train and validation rounds: the test split
 never exists in what it sees. It climbs the same ``Objective`` the gate promotes on (``steer``), so
@@ -22,7 +24,8 @@ import optuna
 from .config import ChoiceParam, IntParam, OptimizerSpec, ParamSpec, TextParam
 from .lm import Role
 from .objective import Objective, whole_rubric
-from .records import Evaluation, Judgment, Params, Round
+from .pool import EvaluateTrain, InstructionPool, gepa_mutate
+from .records import Evaluation, Judgment, Params, Probe, Round
 from .rubric import Rubric
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,11 @@ class Optimizer:
         self._cand: Any = None  # the search candidate being evaluated
         self._first_move_done = False
         self._history: list[Round] = []
+        # Rewrites mutate a parent drawn from the pool of every text evaluated (pool.py). With a hosted
+        # optimizer model and this train-only evaluation callback (set by the loop), GEPA does the mutating.
+        self.pools: dict[str, InstructionPool] = {}
+        self.evaluate_train: EvaluateTrain | None = None
+        self.pool_stats: dict[str, int] = {}
         self._new_search()
 
     def _new_search(self) -> None:
@@ -155,7 +163,8 @@ class Optimizer:
         """Stage 1's cheap look-ups and stage 2's candidates, by outcome."""
         led = self.search.ledger
         return {"stage1_settings_screened": led.cheap, "stage2_full": led.full, "stage2_pruned": led.pruned,
-                "stage2_failed": led.failed, "carried": len(self.search.carried)}
+                "stage2_failed": led.failed, "carried": len(self.search.carried),
+                "pool_texts": sum(len(p.entries) for p in self.pools.values()), **self.pool_stats}
 
     def steer(self, objective: Objective) -> None:
         """Climb ``objective`` and show the rewriter only the reasons of its criteria. Called with
@@ -221,7 +230,7 @@ class Optimizer:
         for name in self.text:
             spec = self.space[name]
             assert isinstance(spec, TextParam)
-            params[name], note = self._rewrite(str(incumbent.params[name]), incumbent, spec)
+            params[name], note = self._rewrite(str(incumbent.params[name]), incumbent, spec, name)
             notes.append(f"{name}: {note}")
         return params, tuple(notes)
 
@@ -260,28 +269,66 @@ class Optimizer:
                 return True
         return False
 
-    def _rewrite(self, current: str, incumbent: Round, spec: TextParam) -> tuple[str, str]:
-        failures = describe_failures(list(incumbent.train.judgments), self.spec.worst_k, self.objective)
+    def _rewrite(self, current: str, incumbent: Round, spec: TextParam, name: str = "instructions") -> tuple[str, str]:
+        """New text for ``name``: a mutation of the parent the pool selects, by GEPA (hosted optimizer
+        model and a train evaluation callback) or by one call of the optimizer model (the lean path);
+        each proposal validated and checked for reward hacking, else the weakest criterion's hint."""
+        pool = self.pools.setdefault(name, InstructionPool(name, self.seed))
+        pool.observe(self._history)
+        how = self.spec.parent if self.spec.parent != "auto" else ("best" if self.role.local else "pareto")
+        parent = pool.select(self.objective, how, current)
+        shown = pool.train_judgments(parent, self.objective) or list(incumbent.train.judgments)
+        made = "rewritten by the optimizer model"
+        texts: list[str] = []
+        reason = "no proposal"
         try:
-            with self.role.context():
-                text = str(dspy.Predict(ImproveInstructions)(current_instructions=current, failures=failures).new_instructions)
-            text = text.strip().strip('"').strip()
-            reason = validate_rewrite(text, spec, current)
+            if self.evaluate_train is not None and not self.role.local:
+                run = gepa_mutate(pool, parent, dict(incumbent.params), self._train_probes(), self.evaluate_train,
+                                  self.objective, self.role, self.spec.gepa_calls, spec.max_chars,
+                                  self.seed + len(self._history))
+                texts, shown, made = run.proposals, shown + run.shown, run.note
+                for k, v in {"gepa_runs": 1, **run.stats}.items():
+                    self.pool_stats[k] = self.pool_stats.get(k, 0) + v
+                reason = "GEPA found no mutation at least as good as its parent" if run.stats else run.note
+            else:
+                texts = [self._mutate(parent, shown)]
         except Exception as err:
-            text, reason = "", f"optimizer call failed: {type(err).__name__}"
-        if reason is None:
-            alarms = rewrite_alarms(text, list(incumbent.train.judgments), self._lengths or [len(current)])
-            for a in alarms:
-                self.alarms[a] = self.alarms.get(a, 0) + 1
-            if alarms:
-                reason = f"alarm: {', '.join(alarms)}"
-        if reason is None:
-            self._lengths.append(len(text))
-            return text, "rewritten by the optimizer model"
+            reason = f"optimizer call failed: {type(err).__name__}"
+        if parent != current:
+            made += f"; parent: the text from {pool.entries[parent].origin}"
+        for text in (t.strip().strip('"').strip() for t in texts):
+            reason = validate_rewrite(text, spec, current) or (
+                "already evaluated with these params" if pool.judgments(text, {**incumbent.params, name: text}, "val")
+                else None)
+            if reason is None:
+                alarms = rewrite_alarms(text, shown, self._lengths or [len(current)])
+                for a in alarms:
+                    self.alarms[a] = self.alarms.get(a, 0) + 1
+                if alarms:
+                    reason = f"alarm: {', '.join(alarms)}"
+            if reason is None:
+                self._lengths.append(len(text))
+                return text, made
         hint = self._weakest_hint(incumbent)
         if hint and hint not in current and len(current) + len(hint) + 1 <= spec.max_chars:
             return f"{current} {hint}", f"rewrite rejected ({reason}); appended the weakest criterion's description"
         return current, f"rewrite rejected ({reason}); kept"
+
+    def _mutate(self, parent: str, shown: list[Judgment]) -> str:
+        """The lean mutation: one call of the optimizer model on the worst train items shown."""
+        failures = describe_failures(shown, self.spec.worst_k, self.objective)
+        with self.role.context():
+            out = dspy.Predict(ImproveInstructions)(current_instructions=parent, failures=failures)
+        return str(out.new_instructions)
+
+    def _train_probes(self) -> list[Probe]:
+        """The train probes of the rounds handed in, in first-seen order (the rounds hold no others)."""
+        seen: dict[str, Probe] = {}
+        for r in self._history:
+            for j in r.train.judgments:
+                if j.answer.probe.split == "train":
+                    seen.setdefault(j.answer.probe.id, j.answer.probe)
+        return list(seen.values())
 
     def _weakest_hint(self, incumbent: Round) -> str | None:
         means = [(incumbent.train.criterion_mean(c.name), c) for c in self.rubric.criteria
