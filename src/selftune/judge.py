@@ -29,7 +29,7 @@ from .checks import run_check
 from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request
 
-from .attacks import attack_flags
+from .attacks import attack_flags, neutralize
 from .lm import Role, ask_json
 from .records import Answer, Judgment, Score
 from .rubric import LLMCriterion, RagasCriterion, Rubric
@@ -43,8 +43,9 @@ Verdict = Literal["A", "B", "tie"]
 
 
 def _fence(token: str, label: str, text: str) -> str:
-    # Any occurrence of the fence token inside the data is neutralized so data cannot close a fence.
-    return f"{label}:\n<<{token}>>\n{text.replace(token, '[removed]')}\n<</{token}>>"
+    # Any occurrence of the fence token inside the data is neutralized so data cannot close a fence,
+    # and chat-template tokens so it cannot open a turn (in any model's tokenizer, local or hosted).
+    return f"{label}:\n<<{token}>>\n{neutralize(text).replace(token, '[removed]')}\n<</{token}>>"
 
 
 def criterion_prompt(c: LLMCriterion | list[LLMCriterion], answer: Answer, token: str) -> list[dict[str, str]]:

@@ -57,12 +57,17 @@ class RetrievalHit(Strict):
 
 
 class ReferenceMatch(Strict):
+    """Agreement with the probe's reference answer: ``consistent`` (content-word F1, 0 when the answer
+    contradicts the reference: ``reference.py``), ``f1`` (SQuAD token F1) or ``contains``."""
+
     type: Literal["reference_match"]
-    method: Literal["f1", "contains"] = "f1"
+    method: Literal["consistent", "f1", "contains"] = "consistent"
 
 
 class CitesContext(Strict):
-    """The answer shares a run of ``min_words`` consecutive words with a retrieved chunk."""
+    """The answer quotes a run of ``min_words`` consecutive words of a retrieved chunk that is relevant
+    (overlaps the probe's source span or shares the reference's words), and copies no more than it
+    needs (``quotes.py``)."""
 
     type: Literal["cites_context"]
     min_words: int = Field(4, ge=2, le=30)
