@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .quotes import cites
+from .quotes import Copies, cites
 from .records import Answer, Score
-from .reference import consistent_f1
+from .reference import consistent_f1, contradiction
 from .rubric import Abstains, CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
 
 _WORD = re.compile(r"[a-z0-9_]+")
+PASTE_WORDS = 4  # a run this long copied from the context counts as pasted (reference_match: consistent)
 
 
 def words(text: str) -> list[str]:
@@ -59,8 +60,13 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
         ref = answer.probe.reference
         if not ref:
             return Score(status="n/a", rationale="probe has no reference answer")
+        if spec.method == "no_contradiction":
+            why = contradiction(text, ref, answer.probe.question)
+            return Score(value=float(why is None), raw=float(why is None),
+                         rationale=f"contradicts the reference: {why}"[:300] if why else "no contradiction found")
         if spec.method == "consistent":
-            value, why = consistent_f1(text, ref, answer.probe.question)
+            copies = Copies(answer, PASTE_WORDS)
+            value, why = consistent_f1(text, ref, answer.probe.question, copies.own_words() if copies.excess else None)
             return Score(value=value, raw=value, rationale=why)
         if spec.method == "f1":
             f1 = token_f1(text, ref)

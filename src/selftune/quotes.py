@@ -12,9 +12,13 @@ is charged against it:
   content words are the reference's (the question's, if there is no reference), which is what a
   quote that supports the answer to this question looks like when the source span is unknown;
 - the need is the reference's length in words (else the source span's), plus ``min_words`` of slack;
-- score = 1 - (copied words beyond the need, irrelevant ones included) / (the answer's words), and
-  0 when no quote is relevant or the answer contradicts the reference (``reference.contradiction``):
-  a quote turned against its source supports nothing.
+- score = 1 - (copied words beyond the need) / (the answer's words) when a quote is relevant, and 0
+  when none is or the answer contradicts the reference (``reference.contradiction``): a quote turned
+  against its source supports nothing. Stuffing earns nothing, and the score falls as the answer
+  becomes copied context.
+
+``Copies.own_words`` is the answer without what it pasted, when it pasted more than it needs:
+``reference_match`` scores that, so pasting the whole context cannot buy agreement with the reference.
 """
 
 from __future__ import annotations
@@ -34,55 +38,75 @@ def _spans(chunk: Chunk) -> tuple[list[str], list[tuple[int, int]]]:
     return [m.group(0) for m in found], [(chunk.start + m.start(), chunk.start + m.end()) for m in found]
 
 
+class Copies:
+    """Which of the answer's words (``text.tokens``) are copied from the retrieved context, in runs of
+    at least ``min_words``, and which of those runs are relevant (see the module docstring)."""
+
+    def __init__(self, answer: Answer, min_words: int):
+        p, m = answer.probe, min_words
+        self.words = aw = tokens(answer.text)
+        copied, on_source = [False] * len(aw), [False] * len(aw)
+        need_source = 0
+        for c in answer.contexts:
+            cw, spans = _spans(c)
+            grams: dict[tuple[str, ...], list[int]] = {}
+            for k in range(len(cw) - m + 1):
+                grams.setdefault(tuple(cw[k:k + m]), []).append(k)
+            if p.source_doc and c.doc == p.source_doc:
+                need_source = max(need_source, sum(p.source_start < e and s < p.source_end for s, e in spans))
+            for j in range(len(aw) - m + 1):
+                starts = grams.get(tuple(aw[j:j + m]))
+                if not starts:
+                    continue
+                hit = bool(p.source_doc) and c.doc == p.source_doc and any(
+                    spans[k][0] < p.source_end and p.source_start < spans[k + m - 1][1] for k in starts)
+                for i in range(j, j + m):
+                    copied[i] = True
+                    on_source[i] = on_source[i] or hit
+        self.copied = copied
+        target = set(content(p.reference or p.question))
+        self.relevant = [False] * len(aw)
+        j = 0
+        while j < len(aw):  # maximal runs of copied words
+            if not copied[j]:
+                j += 1
+                continue
+            k = j
+            while k < len(aw) and copied[k]:
+                k += 1
+            words = content(" ".join(aw[j:k]))
+            if any(on_source[j:k]) or (words and sum(w in target for w in words) >= max(1, len(words) / 2)):
+                self.relevant[j:k] = [True] * (k - j)
+            j = k
+        #: what the answer needs to copy at most: the reference's length (else the source span's), plus slack
+        self.need = (len(tokens(p.reference)) if p.reference else need_source or len(aw)) + m
+
+    @property
+    def excess(self) -> int:
+        """Copied words beyond the need (irrelevant copies count first)."""
+        return max(0, sum(self.copied) - self.need)
+
+    def own_words(self) -> str:
+        """The answer without what it copied, when it copied more than it needs (else the answer)."""
+        if not self.excess:
+            return " ".join(self.words)
+        return " ".join(w for w, c in zip(self.words, self.copied) if not c)
+
+
 def cites(answer: Answer, min_words: int) -> Score:
     p = answer.probe
     if not p.answerable:
         return Score(status="n/a", rationale="unanswerable probe: nothing to cite")
-    aw = tokens(answer.text)
-    m = min_words
-    copied, on_source = [False] * len(aw), [False] * len(aw)
-    need_source = 0
-    for c in answer.contexts:
-        cw, spans = _spans(c)
-        grams: dict[tuple[str, ...], list[int]] = {}
-        for k in range(len(cw) - m + 1):
-            grams.setdefault(tuple(cw[k:k + m]), []).append(k)
-        if p.source_doc and c.doc == p.source_doc:
-            need_source = max(need_source, sum(p.source_start < e and s < p.source_end for s, e in spans))
-        for j in range(len(aw) - m + 1):
-            starts = grams.get(tuple(aw[j:j + m]))
-            if not starts:
-                continue
-            hit = bool(p.source_doc) and c.doc == p.source_doc and any(
-                spans[k][0] < p.source_end and p.source_start < spans[k + m - 1][1] for k in starts)
-            for i in range(j, j + m):
-                copied[i] = True
-                on_source[i] = on_source[i] or hit
-    if not any(copied):
-        return Score(value=0.0, raw=0, rationale=f"no run of {m} words from any retrieved context")
-    target = set(content(p.reference or p.question))
-    relevant = 0
-    j = 0
-    while j < len(aw):  # maximal runs of copied words
-        if not copied[j]:
-            j += 1
-            continue
-        k = j
-        while k < len(aw) and copied[k]:
-            k += 1
-        words = content(" ".join(aw[j:k]))
-        if any(on_source[j:k]) or (words and sum(w in target for w in words) >= max(1, len(words) / 2)):
-            relevant += k - j
-        j = k
-    n_copied = sum(copied)
+    copies = Copies(answer, min_words)
+    n_copied, relevant = sum(copies.copied), sum(copies.relevant)
+    if not n_copied:
+        return Score(value=0.0, raw=0, rationale=f"no run of {min_words} words from any retrieved context")
     if relevant == 0:
         return Score(value=0.0, raw=0, rationale=f"copies {n_copied} words of context, none that answer the question")
     if p.reference:
         why = contradiction(answer.text, p.reference, p.question)
         if why is not None:
             return Score(value=0.0, raw=relevant, rationale=f"quotes the source but contradicts it: {why}"[:300])
-    need = len(tokens(p.reference)) if p.reference else need_source or len(aw)
-    excess = (n_copied - relevant) + max(0, relevant - need - m)
-    value = max(0.0, 1.0 - excess / len(aw))
-    return Score(value=value, raw=relevant,
-                 rationale=f"quotes {relevant} relevant words; {excess} copied words beyond the need of {need}")
+    value = max(0.0, 1.0 - copies.excess / len(copies.words))
+    return Score(value=value, raw=relevant, rationale=f"quotes {relevant} relevant words; copies {n_copied} "
+                                                      f"where {copies.need} would do: {value:.2f}")

@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .text import NOT_NEGATION, STOPWORDS, content, is_negation, normalize, stem, tokens
+from .text import NOT_NEGATION, STOPWORDS, content, is_negation, normalize, python_none, stem, tokens
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -43,7 +43,7 @@ _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 ANTONYMS = tuple(tuple(p.split("/")) for p in """
 true/false before/after first/last left/right increase/decrease increment/decrement enable/disable
 always/sometimes inside/outside minimum/maximum min/max more/less more/fewer larger/smaller greater/less
-greater/smaller higher/lower start/end begin/end open/close opened/closed input/output read/write
+greater/smaller higher/lower up/down start/end begin/end open/close opened/closed input/output read/write
 required/optional allowed/forbidden allow/forbid allow/disallow allow/prevent positive/negative even/odd
 upper/lower local/global public/private synchronous/asynchronous sync/async valid/invalid include/exclude
 success/failure succeed/fail accept/reject add/remove inner/outer innermost/outermost nearest/outermost
@@ -69,21 +69,24 @@ _CLAUSE = re.compile(r"[.!?;:]+(?=\s|$)|\n+|,?\s+(?:and|but|whereas|although|tho
 # what X does, not about "null operation").
 _BOUNDARY = frozenset("that which who whom whose when whenever if because so where while unless until since "
                       "then after before".split())
-_WORD = re.compile(r"[A-Za-z0-9_]+(?:['\u2019][A-Za-z]+)?")
+_NOT_UNTIL = re.compile(r"(\b(?:not|never|none|no|nothing)\b|n['\u2019]t\b)([^.;:!?]*?)\b(?:until|before)\b", re.I)
+_NARROW = frozenset("no without excluding rather_not instead_not".split())
+_WORD = re.compile(r"[A-Za-z0-9_]+(?:['\u2019][A-Za-z]+)?|,")
 
 
 @dataclass(frozen=True)
 class Clause:
     text: str
     content: frozenset[str]  # stems of content words, numbers left out
-    words: frozenset[str]  # stems of every token (antonyms hide among function words: before/after)
+    words: Counter[str]  # stems of every token, counted (antonyms hide among function words: before/after)
     raw: frozenset[str]  # lower-case tokens (prefix antonyms: mutable/immutable)
     numbers: frozenset[str]
     names: frozenset[str]  # identifiers and proper names, lower-case
-    scope: frozenset[str]  # content stems a negation cue reaches (empty: not negated)
+    cues: tuple[frozenset[str], ...]  # per negation cue, the content stems it reaches
 
 
 def _numbers(text: str) -> frozenset[str]:
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
     found = {n.rstrip("0").rstrip(".") if "." in n else n for n in _NUMBER.findall(text)}
     found |= {_NUMBER_WORDS[t] for t in tokens(text) if t in _NUMBER_WORDS}
     return frozenset(found)
@@ -95,14 +98,17 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(n for n in found if len(n) > 1 and not n.isdigit() and n not in _NOT_NAMES)
 
 
-def _scan(part: str) -> tuple[list[str], frozenset[str]]:
-    """(content stems in order, the stems within reach of a negation cue). A cue reaches the next
-    three content words, or, at the end of its clause, the two before it, never across a boundary
-    word. ``None`` inside a sentence is Python's None, not a negation."""
+def _scan(part: str) -> tuple[list[str], tuple[frozenset[str], ...]]:
+    """(content stems in order, per negation cue the stems it reaches). ``not``, ``never``,
+    ``nothing``... reach three content words on and two back; ``no``, ``without``, ``rather than``
+    reach the next two (what they govern). No reach crosses a comma or a boundary word (``that``,
+    ``when``, ``so``...)."""
     seq: list[tuple[str, str]] = []
-    for i, m in enumerate(_WORD.finditer(NOT_NEGATION.sub(" ", part))):
-        t, low = m.group(0), m.group(0).lower()
-        if is_negation(low) and not (t == "None" and i > 0):
+    for m in _WORD.finditer(part):
+        low = m.group(0).lower()
+        if low == ",":
+            seq.append(("cut", low))
+        elif is_negation(low):
             seq.append(("neg", low))
         elif low in _BOUNDARY:
             seq.append(("cut", low))
@@ -110,20 +116,29 @@ def _scan(part: str) -> tuple[list[str], frozenset[str]]:
             seq.append(("stop", low))
         else:
             seq.append(("word", stem(re.split(r"['\u2019]", low)[0])))
-    reach: set[str] = set()
-    for i, (kind, _) in enumerate(seq):
+    cues = []
+    for i, (kind, cue) in enumerate(seq):
         if kind != "neg":
             continue
-        for direction, n in ((1, 3), (-1, 2)):
-            got, j = [], i + direction
-            while 0 <= j < len(seq) and seq[j][0] != "cut" and len(got) < n:
+        reach: set[str] = set()
+        for direction, n in ((1, 2),) if cue in _NARROW else ((1, 3), (-1, 2)):
+            got, j = 0, i + direction
+            while 0 <= j < len(seq) and seq[j][0] != "cut" and got < n:
                 if seq[j][0] == "word":
-                    got.append(seq[j][1])
+                    reach.add(seq[j][1])
+                    got += 1
                 j += direction
-            reach.update(got)
-            if got:
-                break
-    return [v for k, v in seq if k == "word"], frozenset(reach)
+        cues.append(frozenset(reach))
+    return [v for k, v in seq if k == "word"], tuple(cues)
+
+
+def _phrases(text: str) -> str:
+    """Multi-word cues made single tokens, and phrases that only look negative rewritten: ``not ...
+    until``/``none ... before`` say when, not whether ("does not run until next" = "runs after next")."""
+    text = NOT_NEGATION.sub(" ", text)
+    text = _NOT_UNTIL.sub(lambda m: f"{m.group(2)} after", text)
+    text = re.sub(r"^\s*no\b\s*[,.!;]", " ", text, flags=re.I)  # "No, tuples are immutable": an answer word
+    return re.sub(r"\b(rather) than\b|\b(instead) of\b", lambda m: f"{m.group(1) or m.group(2)}_not", text, flags=re.I)
 
 
 def clauses(text: str) -> list[Clause]:
@@ -132,29 +147,52 @@ def clauses(text: str) -> list[Clause]:
     for part in _CLAUSE.split(normalize(text)):
         if not part or not part.strip():
             continue
-        words, reach = _scan(part)
+        part = _phrases(python_none(part))
+        words, cues = _scan(part)
         raw = tokens(part)
-        out.append(Clause(text=part.strip(), content=frozenset(words), words=frozenset(stem(t) for t in raw),
-                          raw=frozenset(raw), numbers=_numbers(part), names=_names(part), scope=reach))
+        out.append(Clause(text=part.strip(), content=frozenset(words), words=Counter(stem(t) for t in raw),
+                          raw=frozenset(raw), numbers=_numbers(part), names=_names(part), cues=cues))
     return out
 
 
-def _spelled(name: str, other: str) -> bool:
-    """Is ``name`` present in the other text, possibly spelled out (``AssertionError`` ~ assertion error)?"""
-    key = re.sub(r"[^a-z0-9]", "", name)
-    squashed = re.sub(r"[^a-z0-9]", "", other.lower())
-    return key in squashed if len(key) >= 3 else key in tokens(other)
+def _present(name: str, other: str) -> bool:
+    """Is ``name`` in the other text? A plain-word name (``AssertionError``, ``Guido``) may be spelled
+    out there (``assertion error``); an identifier with ``_``, ``.`` or ``()`` must appear as it is."""
+    if re.fullmatch(r"[a-z]+", name):
+        return name in re.sub(r"[^a-z0-9]", "", other.lower()) if len(name) >= 3 else name in tokens(other)
+    return name in other.lower()
 
 
 def _antonym_swaps(a: Clause, r: Clause) -> list[tuple[str, str]]:
     """(reference word, answer word) pairs where the answer puts the opposite word."""
-    only_r, only_a = r.words - a.words, a.words - r.words
+    only_r, only_a = set(r.words - a.words), set(a.words - r.words)
     swaps = [(x, y) for x in sorted(only_r) for y in sorted(only_a) if y in _OPPOSITE.get(x, ())]
     for x in sorted(r.raw - a.raw):
         for y in sorted(a.raw - r.raw):
             if any(y == p + x or x == p + y for p in _PREFIXES):
                 swaps.append((stem(x), stem(y)))
     return list(dict.fromkeys(swaps))
+
+
+def _flipped(a: Clause, r: Clause, swaps: list[tuple[str, str]]) -> bool:
+    """Does the answer clause say the opposite of the reference clause? Only negations that reach
+    what the two share count (a swapped word is one slot, named by the reference's word). One side
+    negated and the other not flips the statement; so does a different number of negations on
+    different words ("does not return None" against "without an expression returns None"); so does
+    an antonym swap; two flips cancel ("not mutable" = "immutable")."""
+    slot = {y: x for x, y in swaps}
+    shared = (a.content & r.content) | set(slot.values())
+    cues_a = [{slot.get(w, w) for w in c} & shared for c in a.cues]
+    cues_a = [c for c in cues_a if c]
+    cues_r = [c & shared for c in r.cues if c & shared]
+    reach_a, reach_r = set().union(*cues_a), set().union(*cues_r)
+    flipped = bool(cues_a) != bool(cues_r) or (len(cues_a) % 2 != len(cues_r) % 2 and reach_a != reach_r)
+    return flipped != (len(swaps) % 2 == 1)
+
+
+def _word(c: Clause, stemmed: str) -> str:
+    """The clause's own word for a stem (for the rationale)."""
+    return next((t for t in sorted(c.raw) if stem(t) == stemmed), stemmed)
 
 
 def _paired(a: Clause, r: Clause, question: frozenset[str], slots: int) -> bool:
@@ -173,22 +211,22 @@ def _paired(a: Clause, r: Clause, question: frozenset[str], slots: int) -> bool:
 def contradiction(answer: str, reference: str, question: str = "") -> str | None:
     """Why the answer contradicts the reference (one line), or None when no signal is found."""
     q = frozenset(content(question))
+    nums_a, nums_r = _numbers(answer), _numbers(reference)
+    if nums_a and nums_r and not nums_a & nums_r:  # every number changed: "1000" -> "100", "3" -> "4"
+        return f"number {sorted(nums_a)[0]} where the reference has {sorted(nums_r)[0]}"
     ref_clauses = clauses(reference)
     for a in clauses(answer):
         for r in ref_clauses:
             swaps = _antonym_swaps(a, r)
-            names_r = {n for n in r.names - a.names if not _spelled(n, answer)}
-            names_a = {n for n in a.names - r.names if not _spelled(n, reference)}
+            names_r = {n for n in r.names - a.names if not _present(n, answer)}
+            names_a = {n for n in a.names - r.names if not _present(n, reference)}
             slots = len(swaps) + min(len(names_r), len(names_a))
             if not _paired(a, r, q, slots):
                 continue
-            # a negation counts where it reaches what the two clauses share (or a swapped word)
-            shared = a.content & r.content
-            neg_a = bool(a.scope & (shared | {y for _, y in swaps}))
-            neg_r = bool(r.scope & (shared | {x for x, _ in swaps}))
-            if (neg_a != neg_r) ^ (len(swaps) % 2 == 1):
-                what = (f"{swaps[0][1]!r} where the reference has {swaps[0][0]!r}" if swaps and neg_a == neg_r
-                        else "a negation the reference does not have" if neg_a else "the reference's negation dropped")
+            if _flipped(a, r, swaps):
+                what = (f"{_word(a, swaps[0][1])!r} where the reference has {_word(r, swaps[0][0])!r}"
+                        if swaps and bool(a.cues) == bool(r.cues) else "a negation the reference does not have"
+                        if len(a.cues) > len(r.cues) else "the reference's negation dropped")
                 return f"{what}, in {a.text!r}"
             if a.numbers and r.numbers and a.numbers - r.numbers and r.numbers - a.numbers:
                 return (f"number {sorted(a.numbers - r.numbers)[0]} where the reference has "
@@ -213,10 +251,12 @@ def content_f1(answer: str, reference: str, question: str = "") -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def consistent_f1(answer: str, reference: str, question: str = "") -> tuple[float, str]:
-    """(score, rationale): 0 on a contradiction, else the content-word F1."""
+def consistent_f1(answer: str, reference: str, question: str = "", own: str | None = None) -> tuple[float, str]:
+    """(score, rationale): 0 on a contradiction, else the content-word F1 of ``own`` (the answer's own
+    words, when it pasted more context than it needs: ``quotes.Copies.own_words``) or of the answer."""
     why = contradiction(answer, reference, question)
     if why is not None:
         return 0.0, f"contradicts the reference: {why}"[:300]
-    f1 = content_f1(answer, reference, question)
-    return f1, f"content-word F1 with the reference = {f1:.2f}; no contradiction found"
+    f1 = content_f1(answer if own is None else own, reference, question)
+    pasted = "" if own is None else "; context pasted beyond the need left out"
+    return f1, f"content-word F1 with the reference = {f1:.2f}{pasted}; no contradiction found"

@@ -58,10 +58,11 @@ class RetrievalHit(Strict):
 
 class ReferenceMatch(Strict):
     """Agreement with the probe's reference answer: ``consistent`` (content-word F1, 0 when the answer
-    contradicts the reference: ``reference.py``), ``f1`` (SQuAD token F1) or ``contains``."""
+    contradicts the reference: ``reference.py``), ``no_contradiction`` (1 unless it contradicts the
+    reference: a ``must_not`` rule), ``f1`` (SQuAD token F1) or ``contains``."""
 
     type: Literal["reference_match"]
-    method: Literal["consistent", "f1", "contains"] = "consistent"
+    method: Literal["consistent", "no_contradiction", "f1", "contains"] = "consistent"
 
 
 class CitesContext(Strict):

@@ -23,8 +23,11 @@ and or but if also just only even very too much many more most some any each eve
 such same other another own which who whom whose what when where why how while whereas although though
 because since until unless whether s t d ll m re ve something anything everything someone anyone one
 """.split())
-NEGATIONS = frozenset("not no never nothing none neither nor nobody nowhere cannot without noone".split())
-NOT_NEGATION = re.compile(r"\b(not only|no matter|no doubt)\b")
+NEGATIONS = frozenset("not no never nothing none neither nor nobody nowhere cannot without noone excluding "
+                      "rather_not instead_not".split())
+# Capitalised None is Python's None (a value), unless it starts "None of ...".
+_PY_NONE = re.compile(r"\bNone\b(?!\s+of\b)")
+NOT_NEGATION = re.compile(r"\b(not only|no matter|no doubt|whether or not|or not)\b", re.I)
 _TOKEN = re.compile(r"[a-z0-9_]+(?:['\u2019][a-z]+)?")
 
 
@@ -58,6 +61,11 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(normalize(text).lower())
 
 
+def python_none(text: str) -> str:
+    """``None`` the value spelled so it is not read as the negation ``none``."""
+    return _PY_NONE.sub("None_value", text)
+
+
 @cache
 def _stemmer() -> object:
     from nltk.stem.porter import PorterStemmer
@@ -84,7 +92,7 @@ def negated(text: str) -> bool:
 def content(text: str) -> list[str]:
     """Stems of the content words: no function words, no negation cues, contractions split off."""
     out = []
-    for t in tokens(text):
+    for t in tokens(python_none(text)):
         t = re.split(r"['\u2019]", t)[0]
         if t in STOPWORDS or is_negation(t) or t in NEGATIONS:
             continue
