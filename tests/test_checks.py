@@ -78,10 +78,15 @@ def test_cites_context_counts_only_quotes_of_the_source_span():
     assert quotes("As documented, pass is a null operation.").value == 1.0
     off = quotes("pass skips the loop. It is useful as a placeholder when a statement is required.")
     assert off.value == 0.0 and "none that answer" in off.rationale
-    # the same words, but the chunk sits elsewhere in the document: not the source span, and they
-    # share no content with the reference
-    assert quotes("pass is a null operation.", start=5000).value == 1.0  # ... unless they are the reference's
-    assert quotes("It is useful as a placeholder when a statement is required.", start=5000).value == 0.0
+    # the same words, but the chunk sits elsewhere in the document: not the source span
+    assert quotes("pass is a null operation.", start=5000).value == 0.0
+    # with no known source span, a quote counts when it is mostly the reference's words
+    unknown = SPAN.model_copy(update={"source_doc": "", "source_start": 0, "source_end": 0})
+    assert quotes("pass is a null operation.", probe=unknown).value == 1.0
+    assert quotes("It is useful as a placeholder when a statement is required.", probe=unknown).value == 0.0
+    # echoing the question is not quoting, even when the question's words are the source's
+    echo = SPAN.model_copy(update={"question": "What does pass is a null operation mean?"})
+    assert quotes("pass is a null operation", probe=echo).value == 0.0
 
 
 def test_cites_context_charges_copied_volume_and_contradiction():

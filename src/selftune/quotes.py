@@ -8,9 +8,10 @@ is charged against it:
   retrieved chunk (words as ``text.tokens`` reads them: Unicode normalised, so hidden characters do
   not break a run);
 - it is relevant when it overlaps the probe's source span (the chunk's ``doc``/``start``/``end``
-  against the probe's ``source_doc``/``source_start``/``source_end``), or when at least half of its
-  content words are the reference's (the question's, if there is no reference), which is what a
-  quote that supports the answer to this question looks like when the source span is unknown;
+  against the probe's ``source_doc``/``source_start``/``source_end``); when the source span is
+  unknown (``selftune judge`` items), when at least half of its content words are the reference's
+  (the question's, if there is no reference): what a quote that supports the answer looks like;
+  and never when it is only the question's words (an echo of the question quotes nothing);
 - the need is the reference's length in words (else the source span's), plus ``min_words`` of slack;
 - score = 1 - (copied words beyond the need) / (the answer's words) when a quote is relevant, and 0
   when none is or the answer contradicts the reference (``reference.contradiction``): a quote turned
@@ -64,7 +65,7 @@ class Copies:
                     copied[i] = True
                     on_source[i] = on_source[i] or hit
         self.copied = copied
-        target = set(content(p.reference or p.question))
+        target, asked = set(content(p.reference or p.question)), set(content(p.question))
         self.relevant = [False] * len(aw)
         j = 0
         while j < len(aw):  # maximal runs of copied words
@@ -75,7 +76,9 @@ class Copies:
             while k < len(aw) and copied[k]:
                 k += 1
             words = content(" ".join(aw[j:k]))
-            if any(on_source[j:k]) or (words and sum(w in target for w in words) >= max(1, len(words) / 2)):
+            says = set(words) - asked  # a run of the question's own words answers nothing (an echo)
+            if says and (any(on_source[j:k]) if p.source_doc else
+                         sum(w in target for w in words) >= max(1, len(words) / 2)):
                 self.relevant[j:k] = [True] * (k - j)
             j = k
         #: what the answer needs to copy at most: the reference's length (else the source span's), plus slack

@@ -15,9 +15,10 @@ used). In a paired clause it is a contradiction when
   ``__enter__``, dotted or back-quoted names, capitalised proper names), unless the other text spells
   the name out in words.
 
-A contradiction scores 0. Otherwise the score is the F1 of the content words' stems (no function
-words, so ``the``/``is`` earn nothing), without the words the question already used (echoing the
-question earns nothing), unless that would leave the reference empty.
+A contradiction scores 0. Otherwise the score is the F1 of the sets of content-word stems (no
+function words, so ``the``/``is`` earn nothing; a word said twice counts once, so repetition earns
+nothing), without the words the question already used (echoing the question earns nothing), unless
+that would leave the reference empty.
 
 What it cannot see: a wrong claim in other words (``pass skips the loop``), a true reference sentence
 appended to a false claim, negation by a verb outside the antonym list. The labelled set
@@ -237,15 +238,14 @@ def contradiction(answer: str, reference: str, question: str = "") -> str | None
 
 
 def content_f1(answer: str, reference: str, question: str = "") -> float:
-    """F1 of content-word stems, without the question's words (unless none of the reference's remain)."""
+    """F1 of the sets of content-word stems (saying a word twice earns nothing), without the
+    question's words (unless none of the reference's would remain)."""
     q = set(content(question))
-    a, r = content(answer), content(reference)
-    if [w for w in r if w not in q]:
-        a, r = [w for w in a if w not in q], [w for w in r if w not in q]
-    if not a or not r:
-        return 0.0
-    common = sum((Counter(a) & Counter(r)).values())
-    if common == 0:
+    a, r = set(content(answer)), set(content(reference))
+    if r - q:
+        a, r = a - q, r - q
+    common = len(a & r)
+    if not common:
         return 0.0
     prec, rec = common / len(a), common / len(r)
     return 2 * prec * rec / (prec + rec)
