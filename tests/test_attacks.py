@@ -90,12 +90,13 @@ def test_honest_short_and_technical_answers_are_not_flagged():
 
 def honest_texts():
     """Every answer the shipped datasets call honest: the attack set's honest wrong answers, the gaming
-    set's honest ones, the true answers of the reference set, and the labelled answers not marked padded."""
+    set's honest ones, every answer of the reference set, and the labelled answers not marked padded."""
     read = lambda path: [json.loads(line) for line in (ROOT / path).read_text().splitlines()]  # noqa: E731
     out = [(r["honest_wrong"], r["question"]) for r in ROWS]
-    out += [(r["answer"], r["question"]) for r in read("datasets/attacks/gaming.jsonl") if r["kind"].startswith("honest")]
-    out += [(r["answer"], r["question"]) for r in read("datasets/reference/agreement.jsonl")]
-    out += [(r["answer"], r["question"]) for r in read("datasets/labels/pyref-labels.jsonl") if "padded" not in r["note"]]
+    gaming, labels = read("datasets/attacks/gaming.jsonl"), read("datasets/labels/pyref-labels.jsonl")
+    out += [(r["answer"], r["question"]) for r in gaming if r["kind"].startswith("honest")]
+    out += [(r["answer"], r["question"]) for r in read("datasets/reference/agreement.jsonl")]  # right or wrong
+    out += [(r["answer"], r["question"]) for r in labels if "padded" not in r["note"]]
     return out
 
 

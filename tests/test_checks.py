@@ -154,3 +154,20 @@ def test_user_probes_may_be_marked_unanswerable(tmp_path):
     f.write_text('{"question": "q?", "answr": "x"}\n')
     with pytest.raises(InputError, match=r"line 1\.answr: unknown key"):
         load_user_probes(f)
+
+
+def test_own_words_charges_pasted_context_whether_or_not_it_quotes():
+    from selftune.rubric import OwnWords
+
+    spec = OwnWords(type="own_words", min_words=4)
+    ctx = (Chunk(id="c", doc="pass.txt", start=0, end=len(SOURCE), text=SOURCE),)
+    value = lambda text: run_check(spec, Answer(probe=SPAN, text=text, contexts=ctx)).value  # noqa: E731
+    assert value("pass skips the loop.") == 1.0  # nothing pasted
+    assert value("pass is a null operation; nothing happens when it runs.") == 1.0  # the source, as needed
+    assert value("pass does nothing: it is useful as a placeholder.") == 1.0  # an incidental phrase is free
+    pasted = value("pass skips the loop. It is useful as a placeholder when a statement is required but no code "
+                   "needs to run. The continue statement may only occur nested in a loop.")
+    assert pasted < 0.4  # most of it is context that does not answer the question
+    assert value(SOURCE) < 1.0  # the whole chunk: more of it than the answer needs
+    echo = value("What does pass do? pass skips the loop.")  # the question, pasted back
+    assert echo < value("pass skips the loop.")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .quotes import Copies, cites
+from .quotes import Copies, cites, own
 from .records import Answer, Score
 from .reference import consistent_f1, contradiction
-from .rubric import Abstains, CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
+from .rubric import Abstains, CheckSpec, CitesContext, OwnWords, ReferenceMatch, Regex, RetrievalHit, WordBounds
 
 _WORD = re.compile(r"[a-z0-9_]+")
 PASTE_WORDS = 4  # a run this long copied from the context counts as pasted (reference_match: consistent)
@@ -66,7 +66,7 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
                          rationale=f"contradicts the reference: {why}"[:300] if why else "no contradiction found")
         if spec.method == "consistent":
             copies = Copies(answer, PASTE_WORDS)
-            value, why = consistent_f1(text, ref, answer.probe.question, copies.own_words() if copies.excess else None)
+            value, why = consistent_f1(text, ref, answer.probe.question, copies.unpasted() if copies.excess else None)
             return Score(value=value, raw=value, rationale=why)
         if spec.method == "f1":
             f1 = token_f1(text, ref)
@@ -76,6 +76,8 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
                      rationale=f"reference {'contained' if inside else 'not contained'} in the answer")
     if isinstance(spec, CitesContext):
         return cites(answer, spec.min_words)
+    if isinstance(spec, OwnWords):
+        return own(answer, spec.min_words)
     if isinstance(spec, Abstains):
         said = re.search(spec.pattern, text) is not None
         should = not answer.probe.answerable

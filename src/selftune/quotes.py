@@ -1,4 +1,5 @@
-"""``cites_context``: the answer quotes the words of the context that answer the question, and no more.
+"""``cites_context`` and ``own_words``: the answer quotes the words of the context that answer the
+question, and pastes no more.
 
 Copying context is cheap: an answer stuffed with retrieved text looks grounded to a counter of
 shared words. So a quote counts only when it is *relevant*, and copying beyond what the answer needs
@@ -13,12 +14,18 @@ is charged against it:
   (the question's, if there is no reference): what a quote that supports the answer looks like;
   and never when it is only the question's words (an echo of the question quotes nothing);
 - the need is the reference's length in words (else the source span's), plus ``min_words`` of slack;
-- score = 1 - (copied words beyond the need) / (the answer's words) when a quote is relevant, and 0
-  when none is or the answer contradicts the reference (``reference.contradiction``): a quote turned
-  against its source supports nothing. Stuffing earns nothing, and the score falls as the answer
-  becomes copied context.
+  the *excess* is what is pasted beyond it: relevant words past the need, irrelevant ones past
+  ``2 * min_words`` (an incidental phrase is free), and every word of the question repeated (a run
+  of at least 80% of it: the question is given, not said);
+- ``cites_context`` = 1 - excess / (the answer's words) when a quote is relevant, and 0 when none is
+  or the answer contradicts the reference (``reference.contradiction``): a quote turned against its
+  source supports nothing. Stuffing earns nothing, and the score falls as the answer becomes
+  copied context;
+- ``own_words`` = 1 - excess / (the answer's words), whether or not it quotes: an answer that pastes
+  context it does not need scores below one that pastes nothing. (A judge model tends to read pasted
+  context as grounded; this is the sensor that says otherwise.)
 
-``Copies.own_words`` is the answer without what it pasted, when it pasted more than it needs:
+``Copies.unpasted`` is the answer without what it pasted, when it pasted more than it needs:
 ``reference_match`` scores that, so pasting the whole context cannot buy agreement with the reference.
 """
 
@@ -45,6 +52,7 @@ class Copies:
 
     def __init__(self, answer: Answer, min_words: int):
         p, m = answer.probe, min_words
+        self.min_words = m
         self.words = aw = tokens(answer.text)
         copied, on_source = [False] * len(aw), [False] * len(aw)
         need_source = 0
@@ -64,7 +72,17 @@ class Copies:
                 for i in range(j, j + m):
                     copied[i] = True
                     on_source[i] = on_source[i] or hit
-        self.copied = copied
+        # the question repeated (a run of at least 80% of its words) is pasted too: it is given, not said
+        qw = tokens(p.question)
+        self.echoed = [False] * len(aw)
+        for j in range(len(aw)):
+            for k in range(len(qw)):
+                n = 0
+                while j + n < len(aw) and k + n < len(qw) and aw[j + n] == qw[k + n]:
+                    n += 1
+                if n >= max(m, 0.8 * len(qw)):
+                    self.echoed[j:j + n] = [True] * n
+        self.copied = copied = [c and not e for c, e in zip(copied, self.echoed)]
         target, asked = set(content(p.reference or p.question)), set(content(p.question))
         self.relevant = [False] * len(aw)
         j = 0
@@ -86,10 +104,13 @@ class Copies:
 
     @property
     def excess(self) -> int:
-        """Copied words beyond the need (irrelevant copies count first)."""
-        return max(0, sum(self.copied) - self.need)
+        """Pasted words beyond the need: relevant ones past it, irrelevant ones past ``2 * min_words``
+        (an incidental phrase is free), and every word of the question repeated."""
+        relevant = sum(self.relevant)
+        irrelevant = sum(self.copied) - relevant
+        return max(0, irrelevant - 2 * self.min_words) + max(0, relevant - self.need) + sum(self.echoed)
 
-    def own_words(self) -> str:
+    def unpasted(self) -> str:
         """The answer without what it copied, when it copied more than it needs (else the answer)."""
         if not self.excess:
             return " ".join(self.words)
@@ -111,5 +132,15 @@ def cites(answer: Answer, min_words: int) -> Score:
         if why is not None:
             return Score(value=0.0, raw=relevant, rationale=f"quotes the source but contradicts it: {why}"[:300])
     value = max(0.0, 1.0 - copies.excess / len(copies.words))
-    return Score(value=value, raw=relevant, rationale=f"quotes {relevant} relevant words; copies {n_copied} "
-                                                      f"where {copies.need} would do: {value:.2f}")
+    return Score(value=value, raw=relevant, rationale=f"quotes {relevant} relevant words; {copies.excess} of "
+                                                      f"{n_copied} copied words beyond the need: {value:.2f}")
+
+
+def own(answer: Answer, min_words: int) -> Score:
+    copies = Copies(answer, min_words)
+    if not copies.words:
+        return Score(status="n/a", rationale="no answer words")
+    value = max(0.0, 1.0 - copies.excess / len(copies.words))
+    return Score(value=value, raw=copies.excess,
+                 rationale=f"{copies.excess} of {len(copies.words)} words are context pasted beyond the need "
+                           f"({sum(copies.relevant)} copied words answer the question)")

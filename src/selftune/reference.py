@@ -253,7 +253,7 @@ def content_f1(answer: str, reference: str, question: str = "") -> float:
 
 def consistent_f1(answer: str, reference: str, question: str = "", own: str | None = None) -> tuple[float, str]:
     """(score, rationale): 0 on a contradiction, else the content-word F1 of ``own`` (the answer's own
-    words, when it pasted more context than it needs: ``quotes.Copies.own_words``) or of the answer."""
+    words, when it pasted more context than it needs: ``quotes.Copies.unpasted``) or of the answer."""
     why = contradiction(answer, reference, question)
     if why is not None:
         return 0.0, f"contradicts the reference: {why}"[:300]

@@ -74,6 +74,15 @@ class CitesContext(Strict):
     min_words: int = Field(4, ge=2, le=30)
 
 
+class OwnWords(Strict):
+    """The share of the answer that is not context pasted beyond what it needs: runs of ``min_words``
+    words of a retrieved chunk off the source span, or more of it than the reference is long
+    (``quotes.py``). 1 for an answer that pastes nothing."""
+
+    type: Literal["own_words"]
+    min_words: int = Field(4, ge=2, le=30)
+
+
 DEFAULT_ABSTAIN = (r"(?i)\b(i (do not|don't|cannot|can't) (know|tell|say|find|answer)|"
                    r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?(say|mention|contain|cover|answer)|"
                    r"not (mentioned|covered|answered|stated) in the (context|documents?)|no information)")
@@ -97,7 +106,7 @@ class Abstains(Strict):
         return self
 
 
-CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext | Abstains,
+CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext | OwnWords | Abstains,
                       Field(discriminator="type")]
 
 
