@@ -53,7 +53,8 @@ class LlamaCppEngine:
     - ``logprobs=n`` with ``max_tokens=1``: the next-token distribution (top ``n``) from one forward
       pass, which is how the judge reads scale-token probabilities (G-Eval) without sampling.
 
-    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache)."""
+    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache). Only the
+    chat template's own text becomes control tokens; the content of every message is plain text."""
 
     def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
         from llama_cpp import Llama

@@ -7,9 +7,12 @@ reference clause that says nearly the same thing (they share most of their conte
 a swapped number, name or antonym as a shared slot, and not only the words the question already
 used). In a paired clause it is a contradiction when
 
-- the polarity differs (one is negated: ``not``, ``never``, ``nothing``, ``without``, ``doesn't``...)
-  an odd number of times, counting each antonym swap (``true``/``false``, ``before``/``after``,
-  ``mutable``/``immutable``) as one more flip, so ``not mutable`` agrees with ``immutable``;
+- the polarity differs: one is negated (``not``, ``never``, ``nothing``, ``without``, ``rather
+  than``, ``doesn't``...) where it reaches words the two share, and the other is not, or they carry
+  a different number of negations on different words; each antonym swap (``true``/``false``,
+  ``nearest``/``outermost``, ``mutable``/``immutable``) is one more flip, and two flips cancel, so
+  ``not mutable`` agrees with ``immutable``. ``whether or not`` and ``not only`` are not negations;
+  ``not ... until``/``none ... before`` say when ("does not run until next" = "runs after next");
 - a number differs (``1000`` vs ``100``, ``two`` vs ``3``);
 - a name differs (identifiers such as ``AssertionError`` vs ``ValueError``, ``__exit__`` vs
   ``__enter__``, dotted or back-quoted names, capitalised proper names), unless the other text spells
@@ -30,6 +33,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 
 from .text import NOT_NEGATION, STOPWORDS, content, is_negation, normalize, python_none, stem, tokens
 
@@ -37,7 +41,7 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
 _NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100", "thousand": "1000",
-                      "million": "1000000", "once": "1", "twice": "2", "single": "1", "double": "2"})
+                      "million": "1000000", "once": "1", "twice": "2"})
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 # Pairs whose swap turns a statement into its opposite (the implicit negatives, such as skip/run,
 # pair with their positive, so "skips the else clause" agrees with "the else clause does not run").
@@ -56,10 +60,18 @@ skip/run skip/execute skip/evaluate omit/include ignore/handle lack/have keep/di
 keep/lose create/destroy create/delete save/discard copy/move copy/reference new/existing new/old
 raise/suppress raise/catch handled/unhandled caught/uncaught catch/propagate
 """.split())
-_OPPOSITE: dict[str, set[str]] = {}
-for _a, _b in ANTONYMS:
-    _OPPOSITE.setdefault(stem(_a), set()).add(stem(_b))
-    _OPPOSITE.setdefault(stem(_b), set()).add(stem(_a))
+
+
+@cache
+def _opposites() -> dict[str, frozenset[str]]:
+    """Stem -> the stems of its antonyms."""
+    out: dict[str, set[str]] = {}
+    for a, b in ANTONYMS:
+        out.setdefault(stem(a), set()).add(stem(b))
+        out.setdefault(stem(b), set()).add(stem(a))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
 _NAME = re.compile(r"`([^`\n]{1,60})`|\b[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+(?:\(\))?|\b\w*_\w*\b|\b\w+\(\)"
                    r"|\b[A-Za-z]*[a-z][A-Z]\w*|\b[A-Z][A-Z0-9]{1,}\b")
 _PREFIXES = ("un", "in", "im", "ir", "il", "non", "dis")
@@ -167,7 +179,7 @@ def _present(name: str, other: str) -> bool:
 def _antonym_swaps(a: Clause, r: Clause) -> list[tuple[str, str]]:
     """(reference word, answer word) pairs where the answer puts the opposite word."""
     only_r, only_a = set(r.words - a.words), set(a.words - r.words)
-    swaps = [(x, y) for x in sorted(only_r) for y in sorted(only_a) if y in _OPPOSITE.get(x, ())]
+    swaps = [(x, y) for x in sorted(only_r) for y in sorted(only_a) if y in _opposites().get(x, ())]
     for x in sorted(r.raw - a.raw):
         for y in sorted(a.raw - r.raw):
             if any(y == p + x or x == p + y for p in _PREFIXES):
