@@ -55,6 +55,7 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: setup
+	$(BIN)/python -m selftune.gridbench --out $(WORKDIR)/gridbench.json
 	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
 
 clean:

@@ -29,6 +29,9 @@ from .errors import InputError
 LOCAL_MODEL_ID = "local/smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 4096
+# Stands in for a message's content while the chat template is rendered (NUL never occurs in a template).
+_SLOT = "\x00selftune-message-{}\x00"
+_SLOT_RE = re.compile("\x00selftune-message-(\\d+)\x00")
 
 
 def local_gguf_path() -> Path:
@@ -51,7 +54,8 @@ class LlamaCppEngine:
     - ``logprobs=n`` with ``max_tokens=1``: the next-token distribution (top ``n``) from one forward
       pass, which is how the judge reads scale-token probabilities (G-Eval) without sampling.
 
-    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache).
+    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache). Only the
+    chat template's own text becomes control tokens; the content of every message is plain text.
     Sampling: ``temperature``, ``frequency_penalty`` and ``presence_penalty`` from the request config,
     ``repeat_penalty`` from ``config.extensions`` (llama.cpp's own knob, which DSPy's LM kwargs cannot
     carry: see ``with_extensions``); unset ones keep llama.cpp's defaults (0, 0, 1.0: no penalty)."""
@@ -79,29 +83,47 @@ class LlamaCppEngine:
         out.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         return out
 
-    def _prompt(self, messages: list[dict[str, str]], max_tokens: int) -> str:
-        """Chat template applied; a trailing assistant message is left open (prefill). The longest
-        message is trimmed when prompt + output would not fit the context (small window)."""
+    def _prompt(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+        """The prompt's tokens: chat template applied, a trailing assistant message left open
+        (prefill). The longest message is trimmed when prompt + output would not fit the context
+        (small window)."""
         budget = N_CTX - max_tokens - 16
         while True:
-            prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
-            head = messages[:-1] if prefill is not None else messages
-            prompt = self.formatter(messages=head).prompt + (prefill or "")
-            n = len(self.llama.tokenize(prompt.encode(), add_bos=False, special=True))
+            tokens = self._encode(messages)
+            n = len(tokens)
             if n <= budget:
-                return prompt
+                return tokens
             i = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
             text = messages[i]["content"]
             cut = max(len(text) - int((n - budget) * 4) - 16, len(text) // 2)
             messages = [*messages[:i], {**messages[i], "content": text[:cut]}, *messages[i + 1:]]
 
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Only the template's own text may become control tokens. Each message's content (documents,
+        questions, answers, the judge's own prefill) is tokenized as plain text, so an ``<|im_end|>``
+        inside it is the characters ``<|im_end|>``, not the end of a turn. The template is rendered
+        with a placeholder per message, and the pieces between placeholders are its own text."""
+        prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        head = messages[:-1] if prefill is not None else messages
+        rendered = self.formatter(messages=[{**m, "content": _SLOT.format(i)} for i, m in enumerate(head)]).prompt
+        parts = _SLOT_RE.split(rendered)
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(head))):
+            raise RuntimeError("the chat template did not place every message's content exactly once")
+
+        def encode(text: str, special: bool) -> list[int]:
+            return self.llama.tokenize(text.encode(), add_bos=False, special=special) if text else []
+
+        tokens = [t for k, part in enumerate(parts)
+                  for t in (encode(part, True) if k % 2 == 0 else encode(head[int(part)]["content"], False))]
+        return tokens + encode(prefill or "", False)
+
     def complete(self, request: Any) -> Response:
         cfg = request.config
         max_tokens = cfg.max_tokens or 128
         with self._lock:
-            prompt = self._prompt(self._messages(request), max_tokens)
+            tokens = self._prompt(self._messages(request), max_tokens)
             if cfg.logprobs is not None and max_tokens == 1:
-                return self._next_token(prompt, max(cfg.logprobs, 1))
+                return self._next_token(tokens, max(cfg.logprobs, 1))
             kwargs: dict[str, Any] = {
                 "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
                 "stop": [*cfg.stop, self.eos_text], "seed": cfg.seed if cfg.seed is not None else self.seed,
@@ -111,7 +133,7 @@ class LlamaCppEngine:
             schema = _schema_of(cfg.response_format)
             if schema is not None:
                 kwargs["grammar"] = self._grammar(schema)
-            out = self.llama.create_completion(prompt=prompt, **kwargs)
+            out = self.llama.create_completion(prompt=tokens, **kwargs)
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Response(
@@ -131,13 +153,12 @@ class LlamaCppEngine:
             self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
         return self._grammars[key]
 
-    def _next_token(self, prompt: str, top: int) -> Response:
+    def _next_token(self, tokens: list[int], top: int) -> Response:
         import llama_cpp
         import numpy as np
         from dspy.lm15 import TokenLogprob, TopLogprob
 
         llm = self.llama
-        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         # Reuse the KV cache for the prefix shared with the previous call; evaluate at least one token.
         shared = 0
         for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1]):
