@@ -61,7 +61,8 @@ def test_tune_lands_in_mlflow(tuned):
         assert {"question", "answer", "contexts", "grounded/rationale", "grounded/score"} <= set(cols)
         assert all(row[cols.index("answer")] or row[cols.index("error")] for row in table["data"])
     best = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best.yaml")).read())
-    assert set(best["params"]) == {"instructions", "top_k", "chunk_size", "chunk_overlap"}
+    assert set(best["params"]) == {"instructions", "top_k", "chunk_size", "chunk_overlap", "hybrid_weight", "demos",
+                                   "max_tokens", "repeat_penalty"}
 
 
 def test_eval_answers_with_best_params_and_reuses_the_index(tuned, caplog):

@@ -49,7 +49,7 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
     except KeyboardInterrupt:
         typer.echo("interrupted: finished rounds are kept in MLflow", err=True)
         raise typer.Exit(130) from None
-    write_best(cfg.best_path(), result.best.params)
+    write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
     from .tracking import report
 
     typer.echo(report(result))
@@ -68,7 +68,7 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
     try:
         cfg = load_config(config, corpus)
         setup(cfg.workdir)
-        from .loop import Session
+        from .loop import Session, load_demos
         from .probes import load_user_probes
 
         probes = [p.model_copy(update={"split": "test"}) for p in load_user_probes(questions)]
@@ -84,6 +84,8 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
             chosen = load_params(path, cfg)
         session = Session(cfg)
         try:
+            if params != "baseline":
+                load_demos(session, path)
             ev = session.evaluate(chosen, probes, "test", progress)
         finally:
             session.close()

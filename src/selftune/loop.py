@@ -90,18 +90,24 @@ class Session:
         return self.models.ledger  # type: ignore[union-attr]
 
     def retrieval_objective(self, probes: list[Probe]) -> Callable[[Params], float | None] | None:
-        """Stage 1's cheap objective for the built-in pipeline: the mean reciprocal rank of each
-        probe's known source under a retrieval setting (no LM call; questions embedded once)."""
+        """Stage 1's cheap objective for the built-in pipeline, no LM call (questions embedded once): the
+        mean of hit@k (the share of probes whose known source is among the ``top_k`` chunks: the
+        rubric's retrieval check itself) and the mean reciprocal rank of the source in the whole ranking
+        (how well a chunking and fusion rank it, whatever k)."""
         if not isinstance(self.sut, RAG):
             return None
-        from .retrieval import retrieval_scores
+        from .retrieval import DEPTH, retrieval_scores
 
         usable = [p for p in probes if p.source_doc]
 
-        def mrr(setting: Params) -> float | None:
-            return retrieval_scores(self.index, usable, setting).get("mrr") if usable else None  # type: ignore[return-value]
+        def score(setting: Params) -> float | None:
+            if not usable:
+                return None
+            hit = retrieval_scores(self.index, usable, setting).get("hit")
+            mrr = retrieval_scores(self.index, usable, {**setting, "top_k": DEPTH}).get("mrr")
+            return None if hit is None or mrr is None else (float(hit) + float(mrr)) / 2
 
-        return mrr
+        return score
 
     def set_demos(self, train: Evaluation, objective: Objective) -> None:
         """Few-shot demonstrations for the built-in pipeline's ``demos`` param: the best train items
@@ -253,6 +259,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress,
                                                                         llm_items=llm_items)
         stats["index_collections_built"] = len(session.index.built)
+        stats["bm25_indexes_built"] = len(session.index.bm25.built) if hasattr(session.index, "bm25") else 0
         stats["texts_embedded"] = session.embedder.encoded
         stats.update({f"judge/{k}": v for k, v in monitor.stats.items()})
         stats["judge/trusted"] = float(trusted)
@@ -316,11 +323,32 @@ def _say_trust(trusted: bool, why: list[str]) -> None:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", "; ".join(why))
 
 
-def write_best(path: Path, params: Params) -> None:
+def write_best(path: Path, params: Params, demos: list[Any] | None = None) -> None:
+    """The promoted params (``eval --params best``) and, beside them, the demonstration pool they were
+    tuned with (``<name>.demos.jsonl``), so ``demos`` means the same prompt in ``eval``."""
+    import json
+
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"params": params}, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    pool = path.with_suffix(".demos.jsonl")
+    if demos:
+        pool.write_text("".join(json.dumps(d.model_dump(), ensure_ascii=False) + "\n" for d in demos), encoding="utf-8")
+    elif pool.exists():
+        pool.unlink()
+
+
+def load_demos(session: Session, params_path: Path) -> None:
+    """Hand ``eval`` the demonstration pool saved beside a params file, if there is one."""
+    import json
+
+    pool = params_path.with_suffix(".demos.jsonl")
+    if isinstance(session.sut, RAG) and pool.is_file():
+        from .rag import Demo
+
+        session.sut.set_demos([Demo(**json.loads(line)) for line in pool.read_text(encoding="utf-8").splitlines()
+                               if line.strip()])
 
 
 def eval_rows(ev: Evaluation) -> list[dict[str, Any]]:
