@@ -150,7 +150,8 @@ class OptimizerSpec(Strict):
                                                            "whose failures the rewriter sees and demos come from")
     slices: list[int] = Field([10, 20], description="validation items after which a clearly losing candidate "
                                                     "is pruned")
-    carry: int = Field(6, ge=1, le=100, description="retrieval settings carried from stage 1 (cheap screen) to stage 2")
+    carry: float = Field(0.4, gt=0.0, le=1.0, description="share of the retrieval settings (best cheap score "
+                                                           "first) carried from stage 1 to stage 2")
     parent: Literal["auto", "best", "pareto"] = Field(
         "auto", description="which pool text a rewrite mutates: best validation mean, or a draw from the Pareto "
                             "front over items (GEPA's way); auto: pareto with a hosted optimizer model, else best")

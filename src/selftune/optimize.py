@@ -155,6 +155,7 @@ class Optimizer:
         baseline = {n: self.space[n].initial for n in [*self.retrieval, *self.other]}  # always carried
         self.search = MultiFidelitySearch(self.retrieval, self.other, self.cheap or (lambda _: 0.0), seed=self.seed,
                                           carry=self.spec.carry, pruner=pruner, baseline=baseline,
+                                          screen_budget=4096,  # stage 1 costs no LM call: screen the grid whole
                                           n_startup_trials=3 if self.spec.sampler == "tpe" else 10 ** 6)
         self._told: set[int] = set()
         self._cand = None
