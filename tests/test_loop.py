@@ -111,7 +111,8 @@ def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, co
     models = FakeModels()
     sut = models.roles["sut"].engine.script
     models.roles["sut"].engine.script = lambda m: "banana" if "banana" in m[0]["content"] else sut(m)
-    models.roles["optimizer"] = fake_role(lambda m: "Reply with the single word banana and nothing else at all.")
+    models.roles["optimizer"] = fake_role(lambda m: "Reply with the single word banana and nothing else at all.",
+                                          local=True)  # the lean path: one rewrite, taken as it is
     result = tune(Session(cfg, models=models), 2, MlflowTracker(cfg), no_progress)
     r2 = result.rounds[2]
     n_val = len(result.rounds[0].val.judgments)
