@@ -1,7 +1,6 @@
 """The whole loop on fake LMs, with a real chromadb, the real embedder and a real MLflow store."""
 
 import json
-import re
 
 import pytest
 from mlflow import MlflowClient

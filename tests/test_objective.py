@@ -29,7 +29,6 @@ def test_caps_rules_and_flags_in_one_place():
 
 
 def test_checks_objective_ignores_llm_scores_but_keeps_caps(tmp_path):
-    from conftest import ROOT
 
     rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
     probe = Probe(id="p", question="What does pass do?", reference="pass does nothing", source_doc="d",

@@ -2,7 +2,6 @@ import pytest
 
 from conftest import ROOT
 from selftune.errors import InputError
-from selftune.records import Score
 from selftune.rubric import load_rubric
 
 

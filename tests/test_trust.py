@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from conftest import FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
-from selftune.records import Answer, Chunk, Judgment, Probe, Score
+from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import load_rubric
 from selftune.tracking import MlflowTracker, report
 from selftune.objective import checks_only

@@ -24,7 +24,7 @@ from typing import Any
 from .config import JudgeSpec
 from .judge import Judge
 from .lm import Role
-from .records import Evaluation, Judgment
+from .records import Evaluation
 from .reliability import length_correlation, panel_agreement, retest_stats, swap_consistency
 from .objective import Objective, checks_only, pairwise, whole_rubric
 from .rubric import LLMCriterion, RagasCriterion, Rubric
