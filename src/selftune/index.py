@@ -97,8 +97,10 @@ class Index:
     def search(self, query: str, k: int, size: int, overlap: int) -> list[Chunk]:
         col = self.collection(size, overlap)
         res = col.query(query_embeddings=self.embedder.encode([query]), n_results=k,
-                        include=["documents", "metadatas"])
+                        include=["documents", "metadatas", "distances"])
         out = []
-        for cid, text, meta in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], strict=True):
-            out.append(Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text))
+        for cid, text, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
+                                         res["distances"][0], strict=True):
+            out.append(Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text,
+                             score=1.0 - float(dist)))
         return out

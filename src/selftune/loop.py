@@ -120,6 +120,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     -> the held-out test, touched once at the end to report."""
     cfg, rubric, cap = session.cfg, session.rubric, session.judge.flag_cap
     probes, stats = session.probes(progress)
+    plan = getattr(progress, "plan", None)  # an overall bar (runtime.TuneProgress) learns the tune's size
+    if plan is not None:
+        plan({s: sum(p.split == s for p in probes) for s in P.SPLITS}, rounds)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
     observer.start(cfg, rubric, probes, stats)
     # The optimizer is built from train/val material only: it is never handed a Probe list.

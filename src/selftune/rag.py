@@ -29,6 +29,14 @@ def format_contexts(chunks: list[Chunk] | tuple[Chunk, ...]) -> str:
     return "\n\n".join(f"[{i + 1}] ({c.doc}) {c.text.strip()}" for i, c in enumerate(chunks))
 
 
+def prompt_messages(adapter: dspy.Adapter, instructions: str, question: str,
+                    chunks: list[Chunk] | tuple[Chunk, ...]) -> list[dict[str, Any]]:
+    """The chat messages ``RAG`` sends its model for this question, rendered again by the same signature
+    and adapter (no model call): what a trace shows as the generation's prompt."""
+    signature = AnswerFromContext.with_instructions(instructions)
+    return adapter.format(signature, demos=[], inputs={"context": format_contexts(chunks), "question": question})
+
+
 class RAG(dspy.Module):
     def __init__(self, index: Index, role: Role):
         super().__init__()

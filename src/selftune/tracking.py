@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from .config import Config
 from .records import Evaluation, Probe, Round
 from .rubric import Rubric
+from .traces import TraceLogger, sources_for
 
 PARAM_MAX = 500
 
@@ -70,6 +71,8 @@ class MlflowTracker:
         self.parent_id: str | None = None
         self.criteria: list[str] = []
         self.incumbent_val = 0.0
+        self.traces: TraceLogger | None = None  # per-item traces (tracking.traces), set up in start()
+        self.report_dir: Path | None = None  # where finish() wrote report.html
 
     def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
         from . import probes as P
@@ -95,6 +98,9 @@ class MlflowTracker:
             part = [p for p in probes if p.split == split]
             self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in part), f"probes/{split}.jsonl")
         self._log_probe_inputs(pid, probes)
+        if cfg.tracking.traces:
+            self.traces = TraceLogger(cfg.tracking_uri(), self.experiment_id, sources_for(cfg, rubric))
+            self.traces.datasets(pid, probes, P.digest)
 
     def _log_probe_inputs(self, run_id: str, probes: list[Probe]) -> None:
         import mlflow.data
@@ -136,6 +142,8 @@ class MlflowTracker:
                                  "round.json")
             for ev in (rnd.train, rnd.val):
                 self.client.log_table(cid, judgments_frame(ev), f"tables/{ev.split}.json")
+            if self.traces is not None:
+                self.traces.log(cid, f"round-{rnd.index:02d}", rnd.index, [rnd.train, rnd.val])
             self.client.set_terminated(cid, "FINISHED")
         except BaseException:
             self.client.set_terminated(cid, "FAILED")
@@ -186,7 +194,18 @@ class MlflowTracker:
         if result.best.index != 0:
             self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
         self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
-        self.client.log_text(pid, report(result), "report.md")
+        if self.traces is not None:
+            self.traces.log(pid, "test-baseline", None, [result.test_baseline])
+            if result.best.index != 0:
+                self.traces.log(pid, "test-best", None, [result.test_best])
+            self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in (
+                ("traces/items", self.traces.items), ("traces/seconds", self.traces.seconds),
+                ("traces/failed", self.traces.failed))])
+        text = report(result)
+        self.client.log_text(pid, text, "report.md")
+        from .report_html import write_report
+
+        self.report_dir = write_report(result, text, self.cfg.workdir / "report", self.client, pid)
         self.client.set_terminated(pid, "FINISHED")
 
     def abort(self, reason: str) -> None:
