@@ -89,14 +89,6 @@ class Browser:
         missing = [n for n in needles if n not in text]
         raise AssertionError(f"not on the page after {timeout:.0f}s: {missing}\n--- page text ---\n{text[:3000]}")
 
-    def click_text(self, label: str) -> bool:
-        """Click the first visible element whose own text is ``label`` (a tab, a link)."""
-        js = (f"(() => {{ const want = {json.dumps(label)};"
-              " const els = [...document.querySelectorAll('a,button,[role=tab],span,div')]"
-              ".filter(e => e.offsetParent !== null && e.innerText && e.innerText.trim() === want);"
-              " if (!els.length) return false; els[els.length - 1].click(); return true; })()")
-        return bool(self.call("Runtime.evaluate", expression=js, returnByValue=True)["result"].get("value"))
-
     def click(self, css: str) -> bool:
         """Click the first visible element matching ``css``; False when there is none."""
         js = (f"(() => {{ const e = [...document.querySelectorAll({json.dumps(css)})]"
