@@ -9,10 +9,11 @@ from mlflow.tracing.client import TracingClient
 from conftest import ROOT
 from selftune import probes as P
 from selftune.lm import LeanAdapter
+from selftune.probe_datasets import log_probe_datasets
 from selftune.rag import prompt_messages
 from selftune.records import Answer, Chunk, Evaluation, Judgment, Probe, Score
 from selftune.rubric import load_rubric
-from selftune.traces import Sources, TraceLogger, Where, log_evaluation, log_probe_datasets
+from selftune.traces import Sources, TraceLogger, Where, log_evaluation
 
 RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
 CTX = (Chunk(id="pass.txt#0-60", doc="pass.txt", start=0, end=60, text="The pass statement is a null operation.",

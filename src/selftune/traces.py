@@ -86,15 +86,18 @@ class _Builder:
         from opentelemetry.sdk.trace import TracerProvider
 
         self.tracer = TracerProvider(resource=Resource({"service.name": "selftune"})).get_tracer("selftune")
+        self.raw: dict[str, Any] = {}  # MLflow span id -> its OpenTelemetry span (a child's parent context)
 
     def span(self, trace_id: str | None, name: str, kind: str, start: int, parent: Any = None) -> Any:
         from mlflow.entities import LiveSpan
         from mlflow.tracing.utils import generate_trace_id_v3
         from opentelemetry import trace as otel
 
-        ctx = otel.set_span_in_context(parent._span) if parent is not None else None
+        ctx = otel.set_span_in_context(self.raw[parent.span_id]) if parent is not None else None
         raw = self.tracer.start_span(name, context=ctx, start_time=start)
-        return LiveSpan(raw, trace_id or generate_trace_id_v3(raw), kind)
+        span = LiveSpan(raw, trace_id or generate_trace_id_v3(raw), kind)
+        self.raw[span.span_id] = raw
+        return span
 
 
 def item_trace(b: _Builder, j: Judgment, params: Params, where: Where, src: Sources, start: int) -> tuple[Any, list]:
@@ -235,7 +238,7 @@ def log_evaluation(uri: str, ev: Evaluation, where: Where, src: Sources, now_ns:
     from mlflow.tracing.client import TracingClient
 
     client = TracingClient(uri)
-    b = _Builder()
+    b = _Builder()  # one per split: its span map lives as long as the split's spans
     t = (now_ns or time.time_ns()) - sum(max(int(j.answer.seconds * 1e9), 1_000) for j in ev.judgments)
     infos, spans = [], []
     for j in ev.judgments:
@@ -248,42 +251,6 @@ def log_evaluation(uri: str, ev: Evaluation, where: Where, src: Sources, now_ns:
     if spans:
         client.log_spans(where.experiment_id, spans)
     return [i.trace_id for i in infos]
-
-
-def log_probe_datasets(uri: str, experiment_id: str, probes: list[Probe], digest: Callable[[list[Probe]], str]) \
-        -> dict[str, str]:
-    """Each split as an MLflow evaluation dataset ``probes-<split>-<digest>`` (question as input, reference
-    as ``expected_response``), reused when a dataset of that name exists; returns split -> dataset id."""
-    from mlflow import MlflowClient
-    from mlflow.tracing.client import TracingClient
-
-    client, store = MlflowClient(uri), TracingClient(uri).store
-    out: dict[str, str] = {}
-    for split in ("train", "val", "test"):
-        part = [p for p in probes if p.split == split]
-        if not part:
-            continue
-        name = f"probes-{split}-{digest(part)[:12]}"
-        found = client.search_datasets(experiment_ids=[experiment_id], filter_string=f"name = '{name}'")
-        if found:
-            out[split] = found[0].dataset_id
-            continue
-        ds = client.create_dataset(name=name, experiment_id=[experiment_id],
-                                   tags={"selftune.split": split, "selftune.items": str(len(part))})
-        store.upsert_dataset_records(ds.dataset_id, [_record(p) for p in part])
-        out[split] = ds.dataset_id
-    return out
-
-
-def _record(p: Probe) -> dict[str, Any]:
-    rec: dict[str, Any] = {"inputs": {"question": p.question},
-                           "tags": {"probe_id": p.id, "split": p.split, "answerable": str(p.answerable).lower()}}
-    if p.reference:
-        rec["expectations"] = {"expected_response": p.reference}
-    rec["source"] = {"source_type": "HUMAN", "source_data": {"origin": "probes.file"}} \
-        if p.reference_origin == "human" or not p.source_doc else \
-        {"source_type": "DOCUMENT", "source_data": {"doc_uri": p.source_doc}}
-    return rec
 
 
 class TraceLogger:
@@ -322,6 +289,8 @@ class TraceLogger:
         import logging
 
         from mlflow import MlflowClient
+
+        from .probe_datasets import log_probe_datasets
 
         try:
             ids = log_probe_datasets(self.uri, self.experiment_id, probes, digest)
