@@ -9,6 +9,7 @@ No secret is ever logged: only model ids and the *names* of key variables are pa
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,11 @@ class MlflowTracker:
         self.client.log_text(pid, text, "report.md")
         from .report_html import write_report
 
-        self.report_dir = write_report(result, text, self.cfg.workdir / "report", self.client, pid)
+        try:
+            self.report_dir = write_report(result, text, self.cfg.workdir / "report", self.client, pid)
+        except Exception as err:  # noqa: BLE001 -- the tune's results are logged; say the page failed
+            logging.getLogger(__name__).warning("report.html not written: %s: %s", type(err).__name__, err)
+            self.client.set_tag(pid, "selftune.report_error", f"{type(err).__name__}: {err}"[:PARAM_MAX])
         self.client.set_terminated(pid, "FINISHED")
 
     def abort(self, reason: str) -> None:
