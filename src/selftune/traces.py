@@ -140,7 +140,7 @@ def item_trace(b: _Builder, j: Judgment, params: Params, where: Where, src: Sour
 
 def _document(c: Any, rank: int) -> dict[str, Any]:
     meta = {"doc_uri": c.doc, "chunk_id": c.id, "rank": rank, "start": c.start, "end": c.end}
-    if getattr(c, "score", None) is not None:
+    if c.score is not None:
         meta["score"] = round(c.score, 4)
     return {"id": c.id, "page_content": c.text, "metadata": meta}
 
@@ -258,7 +258,8 @@ class TraceLogger:
 
     Failure policy: tracing observes, it never stops a tune. A failed upload is logged as a warning,
     counted (``failed``) and reported on the run (tag ``selftune.traces_error``), never swallowed silently.
-    ``seconds`` is the wall time spent here (building and uploading), the tracing overhead of the tune.
+    ``seconds`` is the wall time spent here (building and uploading traces, the datasets): the tracing
+    overhead of the tune, since the loop waits for it.
     """
 
     def __init__(self, uri: str, experiment_id: str, src: Sources):
@@ -292,11 +293,14 @@ class TraceLogger:
 
         from .probe_datasets import log_probe_datasets
 
+        t0 = time.perf_counter()
         try:
             ids = log_probe_datasets(self.uri, self.experiment_id, probes, digest)
         except Exception as err:  # noqa: BLE001 -- e.g. a store without evaluation datasets: inputs remain
             logging.getLogger(__name__).warning("probe splits not logged as evaluation datasets: %s", err)
             return {}
+        finally:
+            self.seconds += time.perf_counter() - t0
         MlflowClient(self.uri).set_tag(run_id, "selftune.datasets", json.dumps(ids))
         return ids
 
