@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -39,7 +40,8 @@ class Browser:
              "--disable-extensions", "--disable-background-networking", "--disable-breakpad",
              "--disable-crash-reporter", "--remote-debugging-port=0", f"--user-data-dir={profile}",
              f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "TMPDIR": str(profile)})  # its shared-memory files stay in the test's folder
         try:
             port_file = profile / "DevToolsActivePort"
             deadline = time.monotonic() + 60
@@ -102,9 +104,12 @@ class Browser:
 
     def close(self) -> None:
         """End the browser started here: its process group (renderers, zygote), nothing else."""
-        import os
-
         if self.ws is not None:
+            try:
+                self.call("Browser.close")  # a clean exit removes chromium's own temporary files
+                self.proc.wait(timeout=15)
+            except Exception:  # noqa: BLE001 -- then it is stopped below
+                pass
             self.ws.close()
         if self.proc.poll() is None:
             try:
