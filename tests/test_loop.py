@@ -45,6 +45,59 @@ def test_loop_records_rounds_in_mlflow(tmp_path, corpus_dir):
     assert parent.data.metrics["judge/valid_rate"] == 1.0
 
 
+def test_judged_items_are_traces_of_their_runs_and_the_report_is_written(tmp_path, corpus_dir):
+    cfg, models, result, tracker = run(tmp_path, corpus_dir, rounds=1)
+    client = MlflowClient(cfg.tracking_uri())
+    eid = tracker.experiment_id
+    for rnd in result.rounds:
+        [child] = client.search_runs([eid], filter_string=f"tags.`selftune.round` = '{rnd.index}'")
+        traces = client.search_traces(locations=[eid], run_id=child.info.run_id)
+        questions = {j.answer.probe.question for e in (rnd.train, rnd.val) for j in e.judgments}
+        assert len(traces) == len(questions) and {t.info.request_preview for t in traces} == questions
+    on_parent = client.search_traces(locations=[eid], run_id=tracker.parent_id)
+    n_test = len(result.test_baseline.judgments) * (1 if result.best.index == 0 else 2)
+    assert len(on_parent) == n_test and {t.info.tags["selftune.split"] for t in on_parent} == {"test"}
+    metrics = client.get_run(tracker.parent_id).data.metrics
+    assert metrics["traces/items"] == tracker.traces.items and metrics["traces/failed"] == 0
+    # the prompt a trace shows is the prompt the system under test was sent
+    trace = client.get_trace(tracker.traces.ids["round-00"][0])
+    gen = next(s for s in trace.data.spans if s.name == "generate")
+    sent = [c["messages"] for c in models.roles["sut"].engine.calls]
+    assert gen.inputs["messages"] in sent
+    grounded = next(a for a in trace.info.assessments if a.name == "grounded")
+    assert grounded.rationale == "looks grounded" and grounded.source.source_type == "LLM_JUDGE"
+    assert set(json.loads(client.get_run(tracker.parent_id).data.tags["selftune.datasets"])) == {"train", "val", "test"}
+    report = (cfg.workdir / "report" / "report.html").read_text()
+    assert "Validation score per round" in report and tracker.report_dir == cfg.workdir / "report"
+    arts = {a.path for a in client.list_artifacts(tracker.parent_id)}
+    assert {"report.html", "report.md", "figures"} <= arts
+
+
+def test_traces_off_and_one_overall_progress_bar(tmp_path, corpus_dir):
+    import io
+
+    from selftune.runtime import TuneProgress
+
+    cfg = load_config(write_config(tmp_path, corpus_dir, tracking="{traces: false}"))
+    tracker = MlflowTracker(cfg)
+    bars = TuneProgress(file=io.StringIO())
+    result = tune(Session(cfg, models=FakeModels()), 1, tracker, bars)
+    planned = bars.overall.total
+    bars.close()
+    assert tracker.traces is None
+    assert MlflowClient(cfg.tracking_uri()).search_traces(locations=[tracker.experiment_id]) == []
+    n = {s: len(e.judgments) for s, e in (("train", result.rounds[0].train), ("val", result.rounds[0].val),
+                                          ("test", result.test_baseline))}
+    # counted in items: every probe attempt, then every answer; planned with validation answered by the
+    # baseline and each candidate, the baseline's train minibatch, and the test split answered twice
+    attempts, rounds = result.stats["attempts"], 2
+    assert planned == attempts + n["train"] + rounds * n["val"] + 2 * n["test"]
+    answered = sum(len(e.judgments) for r in result.rounds for e in (r.train, r.val))
+    done = attempts + answered + n["test"] * (1 if result.best.index == 0 else 2)
+    assert bars.overall.n == bars.overall.total == done
+    assert (cfg.workdir / "report" / "report.html").is_file()
+
+
 def test_test_split_is_never_seen_before_the_end(tmp_path, corpus_dir):
     cfg, models, result, _ = run(tmp_path, corpus_dir)
     test_ids = {j.answer.probe.id for j in result.test_baseline.judgments}

@@ -3,7 +3,8 @@
 - ``selftune tune CONFIG``: probes, rounds, promotion, the held-out test report; all logged to MLflow;
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
-- ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels.
+- ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
+- ``selftune ui [CONFIG]``: the MLflow UI on the config's store, offline-safe; prints the last tune's URL.
 
 Bad input exits with code 2 and one line naming file, key and expectation.
 """
@@ -38,11 +39,15 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
         from .loop import Session, tune as run_tune, write_best
         from .tracking import MlflowTracker
 
+        from .runtime import TuneProgress
+
         session = Session(cfg)
         tracker = MlflowTracker(cfg)
+        bars = TuneProgress()
         try:
-            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, progress)
+            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars)
         finally:
+            bars.close()
             session.close()
     except InputError as err:
         _fail(err)
@@ -55,6 +60,8 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
     typer.echo(report(result))
     typer.echo(f"MLflow run: {tracker.parent_id}  (experiment '{cfg.tracking.experiment}', {cfg.tracking_uri()})")
     typer.echo(f"best params: {cfg.best_path()}")
+    if tracker.report_dir is not None:
+        typer.echo(f"report: {tracker.report_dir / 'report.html'}")
 
 
 @app.command("eval")
@@ -168,6 +175,19 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+@app.command()
+def ui(config: Path = typer.Argument(None, help="run config (default: ./.selftune/mlflow.db)"),
+       port: int = typer.Option(5000, help="port on 127.0.0.1 (0: any free port)")) -> None:
+    """Open the config's MLflow store in the MLflow UI on 127.0.0.1 (offline-safe); print the URL of
+    the last tune's parent run; stop the server on Ctrl-C."""
+    from .ui import open_ui
+
+    try:
+        open_ui(config, port, typer.echo)
+    except InputError as err:
+        _fail(err)
 
 
 def main() -> None:

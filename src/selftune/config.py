@@ -205,6 +205,7 @@ class JudgeSpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the workdir")
     experiment: str = "selftune"
+    traces: bool = Field(True, description="log every judged item as an MLflow trace with its scores as assessments")
 
 
 class Config(Strict):

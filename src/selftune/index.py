@@ -121,7 +121,7 @@ class Index:
         if weight == 0.0:
             col = self.collection(size, overlap)
             res = col.query(query_embeddings=self.query_vectors([query]), n_results=k,  # type: ignore[arg-type]
-                            include=["documents", "metadatas"])
+                            include=["documents", "metadatas", "distances"])
             return _chunks(res, 0)
         return self.rankings([query], size, overlap, depth=max(k, DEPTH))[0].top(k, weight)
 
@@ -147,6 +147,9 @@ class Index:
 
 
 def _chunks(res: Any, i: int) -> list[Chunk]:
-    """The ``i``-th query's hits of a chromadb result, as chunks."""
-    return [Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text)
-            for cid, text, meta in zip(res["ids"][i], res["documents"][i], res["metadatas"][i], strict=True)]
+    """The ``i``-th query's hits of a chromadb result, as chunks (``score``: cosine similarity, when the
+    query asked for distances)."""
+    dists = (res.get("distances") or [None] * (i + 1))[i] or [None] * len(res["ids"][i])
+    return [Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text,
+                  score=None if d is None else 1.0 - float(d))
+            for cid, text, meta, d in zip(res["ids"][i], res["documents"][i], res["metadatas"][i], dists, strict=True)]

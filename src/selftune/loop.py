@@ -179,6 +179,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)
     n_val = sum(p.split == "val" for p in probes)
+    plan = getattr(progress, "plan", None)  # an overall bar (runtime.TuneProgress) learns the tune's size
+    if plan is not None:
+        n_train = sum(p.split == "train" for p in probes)
+        n_train = min(n_train, spec.train_items) if spec.train_items else n_train
+        plan(n_train + (rounds + 1) * n_val + 2 * sum(p.split == "test" for p in probes))
     # The optimizer is built from train/val material only: it is never handed a test probe.
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,
                           cheap=session.retrieval_objective([p for p in probes if p.split != "test"]))

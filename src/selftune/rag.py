@@ -87,6 +87,12 @@ def _demo_context(probe: Probe, contexts: tuple[Chunk, ...], limit: int) -> str:
             cut = cut[:cut.rindex(" ")]
         text = cut
     return format_contexts([chunk.model_copy(update={"text": text})])
+def prompt_messages(adapter: dspy.Adapter, instructions: str, question: str,
+                    chunks: list[Chunk] | tuple[Chunk, ...]) -> list[dict[str, Any]]:
+    """The chat messages ``RAG`` sends its model for this question, rendered again by the same signature
+    and adapter (no model call): what a trace shows as the generation's prompt."""
+    signature = AnswerFromContext.with_instructions(instructions)
+    return adapter.format(signature, demos=[], inputs={"context": format_contexts(chunks), "question": question})
 
 
 class RAG(dspy.Module):

@@ -20,13 +20,15 @@ class Frozen(BaseModel):
 
 
 class Chunk(Frozen):
-    """A span ``[start, end)`` of one document's text."""
+    """A span ``[start, end)`` of one document's text; ``score`` is the retrieval similarity when the
+    chunk was retrieved (1 - cosine distance), else None."""
 
     id: str
     doc: str
     start: int
     end: int
     text: str
+    score: float | None = None
 
     def overlaps(self, doc: str, start: int, end: int) -> bool:
         return self.doc == doc and self.start < end and start < self.end

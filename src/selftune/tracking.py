@@ -9,6 +9,7 @@ No secret is ever logged: only model ids and the *names* of key variables are pa
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from .config import Config
 from .records import Evaluation, Probe, Round
 from .rubric import Rubric
+from .traces import TraceLogger, sources_for
 
 PARAM_MAX = 500
 
@@ -73,6 +75,8 @@ class MlflowTracker:
         self.parent_id: str | None = None
         self.criteria: list[str] = []
         self.incumbent_val = 0.0
+        self.traces: TraceLogger | None = None  # per-item traces (tracking.traces), set up in start()
+        self.report_dir: Path | None = None  # where finish() wrote report.html
 
     def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
         from . import probes as P
@@ -98,6 +102,9 @@ class MlflowTracker:
             part = [p for p in probes if p.split == split]
             self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in part), f"probes/{split}.jsonl")
         self._log_probe_inputs(pid, probes)
+        if cfg.tracking.traces:
+            self.traces = TraceLogger(cfg.tracking_uri(), self.experiment_id, sources_for(cfg, rubric))
+            self.traces.datasets(pid, probes, P.digest)
 
     def _log_probe_inputs(self, run_id: str, probes: list[Probe]) -> None:
         import mlflow.data
@@ -140,6 +147,8 @@ class MlflowTracker:
                                  "round.json")
             for ev in (rnd.train, rnd.val):
                 self.client.log_table(cid, judgments_frame(ev), f"tables/{ev.split}.json")
+            if self.traces is not None:
+                self.traces.log(cid, f"round-{rnd.index:02d}", rnd.index, [rnd.train, rnd.val])
             self.client.set_terminated(cid, "FINISHED")
         except BaseException:
             self.client.set_terminated(cid, "FAILED")
@@ -193,7 +202,22 @@ class MlflowTracker:
         if result.best.index != 0:
             self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
         self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
-        self.client.log_text(pid, report(result), "report.md")
+        if self.traces is not None:
+            self.traces.log(pid, "test-baseline", None, [result.test_baseline])
+            if result.best.index != 0:
+                self.traces.log(pid, "test-best", None, [result.test_best])
+            self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in (
+                ("traces/items", self.traces.items), ("traces/seconds", self.traces.seconds),
+                ("traces/failed", self.traces.failed))])
+        text = report(result)
+        self.client.log_text(pid, text, "report.md")
+        from .report_html import write_report
+
+        try:
+            self.report_dir = write_report(result, text, self.cfg.workdir / "report", self.client, pid)
+        except Exception as err:  # noqa: BLE001 -- the tune's results are logged; say the page failed
+            logging.getLogger(__name__).warning("report.html not written: %s: %s", type(err).__name__, err)
+            self.client.set_tag(pid, "selftune.report_error", f"{type(err).__name__}: {err}"[:PARAM_MAX])
         self.client.set_terminated(pid, "FINISHED")
 
     def abort(self, reason: str) -> None:
