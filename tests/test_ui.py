@@ -111,7 +111,7 @@ def test_the_ui_shows_runs_metrics_and_a_judged_item(ui):
     shots = Path(os.environ.get("SELFTUNE_SCREENSHOTS") or ui["tmp"] / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     parent_name = client.get_run(pid).info.run_name
-    b = Browser(ui["tmp"])
+    b = Browser(ui["tmp"], height=2400)  # tall: the metric charts render lazily, only once in view
 
     def tidy() -> None:  # the assistant panel and a first-visit tip cover half the page
         b.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
