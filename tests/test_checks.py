@@ -145,7 +145,8 @@ def test_user_probes_may_be_marked_unanswerable(tmp_path):
     from selftune.probes import load_user_probes
 
     f = tmp_path / "p.jsonl"
-    f.write_text('{"question": "Who designed the Eiffel Tower?", "answerable": false}\n{"question": "q?", "reference": "r"}\n')
+    f.write_text('{"question": "Who designed the Eiffel Tower?", "answerable": false}\n'
+                 '{"question": "q?", "reference": "r"}\n')
     a, b = load_user_probes(f)
     assert a.answerable is False and a.reference is None and b.answerable is True and b.reference == "r"
     f.write_text('{"question": "q?", "answerable": "no"}\n')
@@ -165,8 +166,10 @@ def test_own_words_charges_pasted_context_whether_or_not_it_quotes():
     assert value("pass skips the loop.") == 1.0  # nothing pasted
     assert value("pass is a null operation; nothing happens when it runs.") == 1.0  # the source, as needed
     assert value("pass does nothing: it is useful as a placeholder.") == 1.0  # an incidental phrase is free
-    pasted = value("pass skips the loop. It is useful as a placeholder when a statement is required but no code "
-                   "needs to run. The continue statement may only occur nested in a loop.")
+    pasted = value(
+        "pass skips the loop. It is useful as a placeholder when a statement is required but no code "
+        "needs to run. The continue statement may only occur nested in a loop."
+    )
     assert pasted < 0.4  # most of it is context that does not answer the question
     assert value(SOURCE) < 1.0  # the whole chunk: more of it than the answer needs
     echo = value("What does pass do? pass skips the loop.")  # the question, pasted back

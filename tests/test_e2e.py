@@ -47,11 +47,15 @@ def test_tune_lands_in_mlflow(tuned):
     assert len(client.get_metric_history(parent.info.run_id, "candidate/val_overall")) == 3
     # the judge is measured on every tune: test-retest after the baseline, swap consistency per round
     # judge.retest_sample (8) items re-judged, each validly scored twice; the flip rate counts items
-    assert m["judge/retest/n"] == 8 and (m["judge/retest/flip_rate"] * 8) == pytest.approx(round(m["judge/retest/flip_rate"] * 8))
+    assert m["judge/retest/n"] == 8 and (m["judge/retest/flip_rate"] * 8) == pytest.approx(
+        round(m["judge/retest/flip_rate"] * 8)
+    )
     assert len(client.get_metric_history(parent.info.run_id, "judge/trusted")) == 3
     assert len(client.get_metric_history(parent.info.run_id, "judge/swap/consistency")) == 2
     assert "judge reliability:" in output and "trust bar" in output.lower()
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 3
     for child in children:
         for crit in ("grounded", "concise", "retrieval_hit", "correct", "quotes_source", "abstains"):
@@ -61,8 +65,16 @@ def test_tune_lands_in_mlflow(tuned):
         assert {"question", "answer", "contexts", "grounded/rationale", "grounded/score"} <= set(cols)
         assert all(row[cols.index("answer")] or row[cols.index("error")] for row in table["data"])
     best = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best.yaml")).read())
-    assert set(best["params"]) == {"instructions", "top_k", "chunk_size", "chunk_overlap", "hybrid_weight", "demos",
-                                   "max_tokens", "repeat_penalty"}
+    assert set(best["params"]) == {
+        "instructions",
+        "top_k",
+        "chunk_size",
+        "chunk_overlap",
+        "hybrid_weight",
+        "demos",
+        "max_tokens",
+        "repeat_penalty",
+    }
 
 
 def test_eval_answers_with_best_params_and_reuses_the_index(tuned, caplog):
@@ -70,13 +82,17 @@ def test_eval_answers_with_best_params_and_reuses_the_index(tuned, caplog):
 
     tmp, path, _ = tuned
     questions = tmp / "q.jsonl"
-    questions.write_text(json.dumps({"question": "What does the pass statement do?",
-                                     "reference": "pass is a null operation"}) + "\n"
-                         + json.dumps({"question": "When is AssertionError raised?"}) + "\n")
+    questions.write_text(
+        json.dumps({"question": "What does the pass statement do?", "reference": "pass is a null operation"})
+        + "\n"
+        + json.dumps({"question": "When is AssertionError raised?"})
+        + "\n"
+    )
     out = tmp / "answers.jsonl"
     with caplog.at_level(logging.INFO, logger="selftune.index"):
-        result = CliRunner().invoke(app, ["eval", str(path), "--questions", str(questions), "--out", str(out)],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            app, ["eval", str(path), "--questions", str(questions), "--out", str(out)], catch_exceptions=False
+        )
     assert not [r for r in caplog.records if "embedding" in r.getMessage()]  # every collection was reused
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -41,7 +41,10 @@ def test_loop_records_rounds_in_mlflow(tmp_path, corpus_dir):
         # train is answered for the baseline and each promoted candidate only (its failures feed rewrites)
         assert ("train/overall" in child.data.metrics) == (rnd.index == 0 or rnd.gate.promote)
         assert child.data.params["top_k"] in {"1", "2", "3"}
-        assert {a.path for a in client.list_artifacts(child.info.run_id, "tables")} == {"tables/train.json", "tables/val.json"}
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "tables")} == {
+            "tables/train.json",
+            "tables/val.json",
+        }
     assert parent.data.metrics["judge/valid_rate"] == 1.0
 
 
@@ -86,8 +89,10 @@ def test_traces_off_and_one_overall_progress_bar(tmp_path, corpus_dir):
     bars.close()
     assert tracker.traces is None
     assert MlflowClient(cfg.tracking_uri()).search_traces(locations=[tracker.experiment_id]) == []
-    n = {s: len(e.judgments) for s, e in (("train", result.rounds[0].train), ("val", result.rounds[0].val),
-                                          ("test", result.test_baseline))}
+    n = {
+        s: len(e.judgments)
+        for s, e in (("train", result.rounds[0].train), ("val", result.rounds[0].val), ("test", result.test_baseline))
+    }
     # counted in items: every probe attempt, then every answer; planned with validation answered by the
     # baseline and each candidate, the baseline's train minibatch, and the test split answered twice
     attempts, rounds = result.stats["attempts"], 2
@@ -124,7 +129,9 @@ def test_rerun_reuses_probes_and_embeds_no_chunk(tmp_path, corpus_dir):
     probes = [json.loads(line) for f in (tmp_path / "work" / "probes").glob("*.jsonl") for line in f.open()]
     asked |= {p["question"] for p in probes if p["split"] != "test" and p.get("source_doc")}
     assert second.stats["texts_embedded"] == len(asked)
-    ids = lambda res: sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
+    def ids(res):
+        return sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
+
     assert ids(first) == ids(second)
 
 
@@ -146,8 +153,10 @@ def test_interrupt_keeps_finished_rounds(tmp_path, corpus_dir, monkeypatch):
         tune(session, 3, tracker, no_progress)
     client = MlflowClient(cfg.tracking_uri())
     assert client.get_run(tracker.parent_id).info.status == "KILLED"
-    children = client.search_runs([client.get_run(tracker.parent_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
+    children = client.search_runs(
+        [client.get_run(tracker.parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'",
+    )
     assert sorted(c.data.tags["selftune.round"] for c in children) == ["0", "1"]
     assert all(c.info.status == "FINISHED" for c in children)
 
@@ -158,13 +167,15 @@ def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, co
     from selftune.demo_corpus import materialize
 
     materialize(corpus_dir / "ref", ["assert", "pass", "break", "continue", "del", "return", "global", "raise"])
-    cfg = load_config(write_config(tmp_path, corpus_dir, probes="{count: 30}",
-                                   optimizer="{rounds: 2, slices: [3], train_items: 4}"))
+    cfg = load_config(
+        write_config(tmp_path, corpus_dir, probes="{count: 30}", optimizer="{rounds: 2, slices: [3], train_items: 4}")
+    )
     models = FakeModels()
     sut = models.roles["sut"].engine.script
     models.roles["sut"].engine.script = lambda m: "banana" if "banana" in m[0]["content"] else sut(m)
-    models.roles["optimizer"] = fake_role(lambda m: "Reply with the single word banana and nothing else at all.",
-                                          local=True)  # the lean path: one rewrite, taken as it is
+    models.roles["optimizer"] = fake_role(
+        lambda m: "Reply with the single word banana and nothing else at all.", local=True
+    )  # the lean path: one rewrite, taken as it is
     result = tune(Session(cfg, models=models), 2, MlflowTracker(cfg), no_progress)
     r2 = result.rounds[2]
     n_val = len(result.rounds[0].val.judgments)

@@ -47,7 +47,9 @@ def test_one_lever_per_round_first_move_from_stage_1_then_search_and_rewrites(sa
         if i % 2:  # search rounds change the non-text params only
             assert params["instructions"] == incumbent.params["instructions"] and notes[0].startswith("search")
         else:  # rewrite rounds change the instructions only
-            assert {k: params[k] for k in ("top_k", "chunk_size")} == {k: incumbent.params[k] for k in ("top_k", "chunk_size")}
+            assert {k: params[k] for k in ("top_k", "chunk_size")} == {
+                k: incumbent.params[k] for k in ("top_k", "chunk_size")
+            }
             assert params["instructions"] == f"Answer in one short sentence quoting the context, take {len(seen)}."
             assert "rewritten" in notes[0]
         if i == 1:  # stage 1's best retrieval setting, no LM call made for it
@@ -74,7 +76,9 @@ def test_rewrite_alarms_reject_reward_hacking_and_count_it():
     shown = list(rnd(0, BASE, 0.4).train.judgments)
     probe = shown[0].answer.probe.model_copy(update={"question": "What does the pass statement do in a loop body?"})
     shown[0] = shown[0].model_copy(update={"answer": shown[0].answer.model_copy(update={"probe": probe})})
-    assert rewrite_alarms("Say what the pass statement do in a loop body precisely.", shown, []) == ["copies_probe_text"]
+    assert rewrite_alarms("Say what the pass statement do in a loop body precisely.", shown, []) == [
+        "copies_probe_text"
+    ]
     assert rewrite_alarms("Answer so the grader gives the top score.", shown, []) == ["grader_talk"]
     assert rewrite_alarms("Answer briefly from the context, quoting it.", shown, [10, 20]) == ["length_creep"]
     assert rewrite_alarms("Answer briefly from the context.", shown, [10, 40]) == []
@@ -93,8 +97,14 @@ def test_checkpoint_prunes_a_clearly_losing_candidate_only():
     opt = Optimizer(SPACE, RUBRIC, fake_role(lambda m: "x"), OptimizerSpec(), seed=0, cheap=cheap)
 
     def items(value, n=10):
-        return [Judgment(answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split="val"), text="a"),
-                         scores={"correct": Score(value=value)}, overall=value) for i in range(n)]
+        return [
+            Judgment(
+                answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split="val"), text="a"),
+                scores={"correct": Score(value=value)},
+                overall=value,
+            )
+            for i in range(n)
+        ]
 
     incumbent = Evaluation(params={}, split="val", judgments=tuple(items(0.8, 40)))
     assert opt.checkpoint(items(0.1), incumbent, GateSpec())
@@ -127,7 +137,10 @@ def test_no_test_probe_text_reaches_the_optimizer_model(tmp_path, corpus_dir):
     shown = [j for r in result.rounds for ev in (r.train, r.val) for j in ev.judgments]
     train_text = "\n".join(f"{j.answer.text}\n{j.answer.probe.reference or ''}" for j in shown)
     secrets = {j.answer.probe.question for j in test} | {
-        j.answer.probe.reference for j in test if j.answer.probe.reference and j.answer.probe.reference not in train_text}
+        j.answer.probe.reference
+        for j in test
+        if j.answer.probe.reference and j.answer.probe.reference not in train_text
+    }
     train_qs = {j.answer.probe.question for j in result.rounds[0].train.judgments}
     calls = models.roles["optimizer"].engine.calls
     seen = "\n".join(m["content"] for call in calls for m in call["messages"])
@@ -146,8 +159,9 @@ def test_steer_makes_the_optimizer_chase_only_the_trusted_criteria():
     assert opt.search.best()[1] == pytest.approx(0.8)  # the baseline, told on the overall
     history.append(rnd(1, params, 0.6, overall=0.9))
     # the judge fell below the bar: climb the checks alone, and show the rewriter only their reasons
-    correct_only = Rubric.model_validate({"criteria": [
-        {"name": "correct", "kind": "check", "weight": 1, "check": {"type": "reference_match"}}]})
+    correct_only = Rubric.model_validate(
+        {"criteria": [{"name": "correct", "kind": "check", "weight": 1, "check": {"type": "reference_match"}}]}
+    )
     opt.steer(checks_only(correct_only, 0.0))
     params, _ = opt.propose(history)  # a rewrite round
     assert "too long" not in seen[-1] and "q0?" in seen[-1]

@@ -127,7 +127,8 @@ def test_make_demos_picks_the_best_clean_train_items_with_short_contexts():
           judgment(probe("g", "Q g?"), "G.", 0.7, [other])]
     demos = make_demos(js, lambda j: j.overall, 3, max_context_chars=120)
     assert [d.probe_id for d in demos] == ["a", "g", "e"]
-    assert demos[0].context.startswith("[1] (pass.txt) ") and "The pass statement is a null operation." in demos[0].context
+    assert demos[0].context.startswith("[1] (pass.txt) ")
+    assert "The pass statement is a null operation." in demos[0].context
     assert len(demos[0].context) <= 120 + len("[1] (pass.txt) ")
     assert demos[1].context == "[1] (x.txt) other"
 
@@ -135,8 +136,16 @@ def test_make_demos_picks_the_best_clean_train_items_with_short_contexts():
 def test_demos_reach_the_prompt_and_never_show_the_probe_itself(index):
     role = recording_role()
     rag = RAG(index, role)
-    pool = [Demo(probe_id=f"d{i}", split="train", question=f"Demo question {i}?", context=f"[1] (x.txt) ctx {i}",
-                 answer=f"Demo answer {i}.") for i in range(3)]
+    pool = [
+        Demo(
+            probe_id=f"d{i}",
+            split="train",
+            question=f"Demo question {i}?",
+            context=f"[1] (x.txt) ctx {i}",
+            answer=f"Demo answer {i}.",
+        )
+        for i in range(3)
+    ]
     rag.set_demos(pool)
     assert rag.answer(probe("p9", "What does pass do?"), {**BASE, "demos": 2}).error is None
     msgs = role.engine.calls[-1]["messages"]

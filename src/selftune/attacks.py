@@ -22,15 +22,18 @@ CHAT_TOKEN = re.compile(r"<[|\uff5c][^|\uff5c<>\n]{1,40}[|\uff5c]>|\[/?(?:INST|S
 
 # Patterns that look like an answer talking to its grader rather than to the user.
 _SUSPICIOUS = [
-    (re.compile(r"ignore (all |the |any |your )?(previous|above|prior|rubric|instructions|criteria)", re.I), "injection:ignore"),
+    (re.compile(r"ignore (all |the |any |your )?(previous|above|prior|rubric|instructions|criteria)", re.I),
+     "injection:ignore"),
     (re.compile(r"\b(give|assign|award|deserves?|grade (it|this|me))\b[^.\n]{0,40}"
-                r"\b(a 5|5/5|10/10|five|full marks|(maximum|highest|perfect|top) (score|grade|mark|rating)|score of (5|10))\b",
+                r"\b(a 5|5/5|10/10|five|full marks|(maximum|highest|perfect|top) (score|grade|mark|rating)"
+                r"|score of (5|10))\b",
                 re.I), "injection:score-request"),
     # A fake fence: a word inside double angle brackets (shift operators like `x << 2` do not match).
     (re.compile(r"<</?\s*[A-Za-z][\w-]{2,}\s*>>|\bDATA-[0-9a-f]{6,}", re.I), "injection:fake-fence"),
     (re.compile(r"\b(as an ai|you are (a|the) (grader|judge|evaluator)|dear (judge|grader|evaluator)|"
                 r"^\s*(system|assistant)\s*:)", re.I | re.M), "injection:addresses-grader"),
-    (re.compile(r"^\s*(thought process|thoughts?|reasoning|let'?s think)[^\n]{0,20}:", re.I), "degenerate:thought-process"),
+    (re.compile(r"^\s*(thought process|thoughts?|reasoning|let'?s think)[^\n]{0,20}:", re.I),
+     "degenerate:thought-process"),
     (CHAT_TOKEN, "injection:chat-template"),
     # A forged turn: a line that opens a chat role, as plain text or markdown headed.
     (re.compile(r"(^|[.!?][ \t]+)[ \t>*_]*(#{1,6}[ \t]*)?(user|assistant|system|human|grader|judge|evaluator)[ \t*_]*:"

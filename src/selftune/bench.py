@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     mde = first["figures"].get("gate/min_detectable_effect")
     checks = {
         f"first tune <= {args.max_minutes:g} min": first["process_seconds"] <= args.max_minutes * 60,
-        "first tune: >= 120 probes, >= 40 validation": (first["probes"] or 0) >= 120 and (first["probes_val"] or 0) >= 40,
+        "first tune: >= 120 probes, >= 40 validation":
+            (first["probes"] or 0) >= 120 and (first["probes_val"] or 0) >= 40,
         "first tune: minimum detectable effect <= 0.05": mde is not None and mde <= 0.05,
         "rerun builds no index collection": rerun["index_collections_built"] == 0,
         f"valid rate >= {args.min_valid:g}": min(r["valid_rate"] for r in runs.values()) >= args.min_valid,

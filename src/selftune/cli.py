@@ -101,7 +101,8 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
     from .loop import eval_rows
 
     _write_jsonl(out, eval_rows(ev))
-    typer.echo(f"wrote {len(ev.judgments)} answers to {out} (overall {ev.overall() if ev.overall() is not None else 'n/a'})")
+    overall = ev.overall()
+    typer.echo(f"wrote {len(ev.judgments)} answers to {out} (overall {overall if overall is not None else 'n/a'})")
 
 
 def _writable(out: Path) -> None:
@@ -146,7 +147,8 @@ def judge_cmd(rubric: Path = typer.Option(..., help="rubric YAML"),
 def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
               labels: Path = typer.Option(..., help="JSONL items with human `labels` per criterion"),
               config: Path = typer.Option(None, help="take the judge model and MLflow store from this config"),
-              align: bool = typer.Option(False, help="use half the labels as calibration examples; report before/after on the rest"),
+              align: bool = typer.Option(False, help="use half the labels as calibration examples; "
+                                                     "report before/after on the rest"),
               out: Path = typer.Option(None, help="also write the agreement report as JSON here"),
               seed: int = 0) -> None:
     """Agreement of the judge with human labels: Cohen's kappa and Spearman's rho with bootstrap

@@ -155,7 +155,8 @@ class Session:
                                         progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
             user = P.load_user_probes(cfg.probes.file) if cfg.probes.file else []
             if len(synth + user) < 6:
-                raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); stats: {stats}")
+                raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); "
+                                   f"stats: {stats}")
             probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
             P.save_jsonl(probes, cache)
         if len(probes) < 6:

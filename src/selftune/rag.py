@@ -125,7 +125,8 @@ class RAG(dspy.Module):
         if rp == 1.0:
             return self.role.lm
         if not self.role.local:
-            raise ValueError("repeat_penalty is llama.cpp's; use frequency_penalty / presence_penalty on a hosted model")
+            raise ValueError("repeat_penalty is llama.cpp's; "
+                             "use frequency_penalty / presence_penalty on a hosted model")
         if rp not in self._lms:
             self._lms[rp] = with_extensions(self.role.lm, repeat_penalty=rp)
         return self._lms[rp]

@@ -84,7 +84,8 @@ class OwnWords(Strict):
 
 
 DEFAULT_ABSTAIN = (r"(?i)\b(i (do not|don't|cannot|can't) (know|tell|say|find|answer)|"
-                   r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?(say|mention|contain|cover|answer)|"
+                   r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?"
+                   r"(say|mention|contain|cover|answer)|"
                    r"not (mentioned|covered|answered|stated) in the (context|documents?)|no information)")
 
 
