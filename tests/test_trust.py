@@ -85,7 +85,8 @@ def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_d
         if "compare two answers" in m[0]["content"]:
             text = m[-1]["content"]
             a, b = (re.search(rf"^Answer {x}:\n<<(\S+)>>\n(.*?)\n<</\1>>", text, re.S | re.M).group(2) for x in "AB")
-            return json.dumps({"rationale": "fuller", "winner": "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"})
+            winner = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+            return json.dumps({"rationale": "fuller", "winner": winner})
         return json.dumps({"rationale": "fine", "score": 4})
 
     _, result, _ = run_with_judge(tmp_path, corpus_dir, prefers_quotes, judge="{mode: pairwise}")
@@ -93,8 +94,9 @@ def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_d
     for r in result.rounds[1:]:
         assert r.gate.reason.startswith("pairwise: ")
         # the LLM criterion's delta is the mean order-debiased preference (2p - 1), not a score difference
-        inc = {j.answer.probe.id: j.answer.text for j in result.rounds[result.rounds[r.index - 1].incumbent_index].val.judgments}
-        expect = [(len(j.answer.text) > len(inc[j.answer.probe.id])) - (len(j.answer.text) < len(inc[j.answer.probe.id]))
+        faced = result.rounds[result.rounds[r.index - 1].incumbent_index]
+        inc = {j.answer.probe.id: len(j.answer.text) for j in faced.val.judgments}
+        expect = [(len(j.answer.text) > inc[j.answer.probe.id]) - (len(j.answer.text) < inc[j.answer.probe.id])
                   for j in r.val.judgments if j.answer.probe.id in inc]
         assert r.gate.criterion_deltas["grounded"] == pytest.approx(sum(expect) / len(expect))
 
@@ -153,7 +155,8 @@ def test_ragas_llm_metrics_are_retested_and_length_checked():
 
     def script(m):  # ragas faithfulness: statements, then a verdict that changes after the first pass
         if '"verdict"' in m[-1]["content"]:
-            return json.dumps({"statements": [{"statement": "pass does nothing.", "reason": "r", "verdict": state["verdict"]}]})
+            statement = {"statement": "pass does nothing.", "reason": "r", "verdict": state["verdict"]}
+            return json.dumps({"statements": [statement]})
         return json.dumps({"statements": ["pass does nothing."]})
 
     rubric = Rubric.model_validate({"criteria": [{"name": "faithful", "kind": "ragas", "metric": "faithfulness"}]})

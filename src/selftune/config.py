@@ -286,8 +286,9 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
             if name in params:
                 _check_optional(path, name, params[name], lo, hi, whole)
         if "repeat_penalty" in params and cfg.models.sut.model != "local":
-            raise InputError(path, "sut.params.repeat_penalty", "repeat_penalty is the local (llama.cpp) model's; "
-                                                                "for a hosted sut use frequency_penalty or presence_penalty")
+            raise InputError(path, "sut.params.repeat_penalty",
+                             "repeat_penalty is the local (llama.cpp) model's; "
+                             "for a hosted sut use frequency_penalty or presence_penalty")
     if cfg.embedder != "default" and cfg.embedder.startswith(("/", "./", "../", "~")):
         where = Path(cfg.embedder).expanduser()
         where = where if where.is_absolute() else (base / where).resolve()
@@ -299,7 +300,8 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     specs += [(f"judge.models.{i}.model", spec) for i, spec in enumerate(cfg.judge.models or [])]
     for key, spec in specs:
         if spec.model != "local" and "/" not in spec.model:
-            raise InputError(path, key, f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
+            raise InputError(path, key,
+                             f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
     if cfg.judge.models and "judge" in cfg.models.model_fields_set:
         raise InputError(path, "judge.models", "name the judge once: either models.judge or a judge.models "
                                                "panel, not both (the panel's first model is the primary judge)")

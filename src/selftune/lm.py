@@ -239,8 +239,9 @@ def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict
     schemas. Returns (the parsed object or None, the raw text)."""
     messages = tuple(Message.user(t) if r == "user" else Message.assistant(t) for r, t in turns)
     kw = role.lm.kwargs
+    fmt = {"type": "json_schema", "name": "reply", "schema": schema} if role.local else None
     config = LMConfig(max_tokens=max_tokens or kw.get("max_tokens"), temperature=kw.get("temperature"),
-                      response_format={"type": "json_schema", "name": "reply", "schema": schema} if role.local else None)
+                      response_format=fmt)
     response = role.lm(Request(model=role.lm.model, system=system, messages=messages, config=config))
     text = response.text or ""
     return parse_json_object(text), text
@@ -406,8 +407,8 @@ class Models:
     def role(self, name: str) -> Role:
         if name not in self._roles:
             spec: ModelSpec = getattr(self.cfg.models, name)
-            self._roles[name] = build_role(name, spec, (lambda: self.engines.get(name)) if spec.model == "local" else None,
-                                           self.ledger)
+            engine = (lambda: self.engines.get(name)) if spec.model == "local" else None
+            self._roles[name] = build_role(name, spec, engine, self.ledger)
         return self._roles[name]
 
     def judges(self) -> list[Role]:

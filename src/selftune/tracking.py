@@ -194,7 +194,8 @@ class MlflowTracker:
         if result.stats.get("stopped_because"):
             self.client.set_tag(pid, "selftune.stopped_because", str(result.stats["stopped_because"])[:PARAM_MAX])
         if "judge/untrusted_because" in result.stats:
-            self.client.set_tag(pid, "selftune.judge_untrusted", str(result.stats["judge/untrusted_because"])[:PARAM_MAX])
+            why = str(result.stats["judge/untrusted_because"])[:PARAM_MAX]
+            self.client.set_tag(pid, "selftune.judge_untrusted", why)
         self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
         self.client.log_text(pid, yaml.safe_dump({"params": result.best.params}, sort_keys=True, allow_unicode=True),
                              "best.yaml")
@@ -253,7 +254,8 @@ def report(result: Any) -> str:
              f"- best round: {result.best.index}",
              f"- validation: baseline {fmt(result.rounds[0].val.overall())} -> best {fmt(result.best.val.overall())} "
              f"(gain {result.val_gain:+.3f}, tuned on)",
-             f"- held-out test: baseline {fmt(result.test_baseline.overall())} -> best {fmt(result.test_best.overall())} "
+             f"- held-out test: baseline {fmt(result.test_baseline.overall())} -> "
+             f"best {fmt(result.test_best.overall())} "
              f"(gain {result.test_gain:+.3f}, never seen by the optimizer)",
              f"- gap (val gain - test gain): {result.val_gain - result.test_gain:+.3f}",
              f"- judge valid-score rate: {_valid_rate(result):.3f}"]
