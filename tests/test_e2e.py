@@ -46,10 +46,9 @@ def test_tune_lands_in_mlflow(tuned):
         assert key in m
     assert len(client.get_metric_history(parent.info.run_id, "candidate/val_overall")) == 3
     # the judge is measured on every tune: test-retest after the baseline, swap consistency per round
-    # judge.retest_sample (8) items re-judged, each validly scored twice; the flip rate counts items
-    assert m["judge/retest/n"] == 8 and (m["judge/retest/flip_rate"] * 8) == pytest.approx(
-        round(m["judge/retest/flip_rate"] * 8)
-    )
+    # judge.retest_sample (8) items re-judged; n counts those validly scored both times, the flip rate items
+    n = m["judge/retest/n"]
+    assert 1 <= n <= 8 and m["judge/retest/flip_rate"] * n == pytest.approx(round(m["judge/retest/flip_rate"] * n))
     assert len(client.get_metric_history(parent.info.run_id, "judge/trusted")) == 3
     assert len(client.get_metric_history(parent.info.run_id, "judge/swap/consistency")) == 2
     assert "judge reliability:" in output and "trust bar" in output.lower()
