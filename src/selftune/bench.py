@@ -104,7 +104,7 @@ def _child(config: str, workdir: str, out: str, weak: bool = False) -> None:
         "probes_val": result.stats.get("probes_val"), "promoted": sum(r.gate.promote for r in result.rounds[1:]),
         "pruned": sum(r.pruned for r in result.rounds), "report": report(result),
         "figures": {k: v for k, v in result.stats.items() if isinstance(v, (int, float))
-                    and k.startswith(("gain/", "checks/gain/", "gate/", "calls/", "search/", "alarms/"))},
+                    and k.startswith(("gain/", "checks/gain/", "gate/", "calls/", "search/", "alarms/", "rounds/"))},
     }, indent=2))
 
 

@@ -276,6 +276,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         if spec.budget.calls is not None:
             stats["calls/budget"] = spec.budget.calls
         stats.update({f"search/{k}": v for k, v in optimizer.ledger().items()})
+        moves = history[1:]
+        stats["rounds/search"] = sum(any(n.startswith("search") for n in r.notes) for r in moves)
+        stats["rounds/rewrite"] = len(moves) - stats["rounds/search"]
+        stats["rounds/pruned"] = sum(r.pruned for r in moves)
+        stats["rounds/promoted"] = sum(r.gate.promote for r in moves)
         stats.update({f"alarms/{k}": v for k, v in optimizer.alarms.items()})
         if stop_reason:
             stats["stopped_because"] = stop_reason
