@@ -97,6 +97,12 @@ class Browser:
               ".find(e => e.offsetParent !== null); if (!e) return false; e.click(); return true; })()")
         return bool(self.call("Runtime.evaluate", expression=js, returnByValue=True)["result"].get("value"))
 
+    def click_all(self, css: str) -> int:
+        """Click every visible element matching ``css``; how many were clicked."""
+        js = (f"(() => {{ const es = [...document.querySelectorAll({json.dumps(css)})]"
+              ".filter(e => e.offsetParent !== null); es.forEach(e => e.click()); return es.length; })()")
+        return int(self.call("Runtime.evaluate", expression=js, returnByValue=True)["result"].get("value") or 0)
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
