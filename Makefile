@@ -67,7 +67,6 @@ ui: $(STAMP)
 bench: setup
 	$(BIN)/python -m selftune.gridbench --out $(WORKDIR)/gridbench.json
 	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
-	$(BIN)/python -m selftune.gridbench --out $(WORKDIR)/gridbench.json
 
 clean:
 	rm -rf $(WORKDIR) datasets/pyref
