@@ -22,9 +22,17 @@ export ANONYMIZED_TELEMETRY := False
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export RAGAS_DO_NOT_TRACK := true
 
-.PHONY: setup tune test ui bench clean
+.PHONY: setup browser tune test ui bench clean
 
-setup: $(STAMP) $(CORPUS)
+setup: $(STAMP) $(CORPUS) browser
+
+# Debian's chromium for the browser test of the MLflow UI (tests/test_ui.py). Never fails the set-up:
+# without apt (or root) the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium for the browser test (apt-get)"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null 2>&1 \
+	  || echo "chromium could not be installed (no apt-get or not root): tests/test_ui.py will be skipped"; }
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,12 +56,16 @@ tune: setup
 	$(BIN)/selftune tune $(CONFIG) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 test: setup
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The MLflow UI on the config's store, on 127.0.0.1 with the offline environment (selftune/ui.py).
+PORT ?= 5000
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/selftune ui $(CONFIG) --port $(PORT)
 
 bench: setup
+	$(BIN)/python -m selftune.gridbench --out $(WORKDIR)/gridbench.json
 	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
 
 clean:

@@ -112,7 +112,9 @@ def test_calibrate_and_judge_commands(tmp_path, monkeypatch):
     labels, rubric = cli_with(tmp_path, monkeypatch, scripted)
     runner = CliRunner()
     out = tmp_path / "agreement.json"
-    r = runner.invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--align", "--out", str(out)])
+    r = runner.invoke(
+        cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--align", "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert "kappa(quadratic)" in r.output and "after alignment" in r.output
     res = json.loads(out.read_text())
@@ -138,8 +140,11 @@ def test_calibrate_with_the_embedded_judge(tmp_path, monkeypatch):
     labels.write_text("\n".join(lines) + "\n")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "agreement.json"
-    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"),
-                                     "--labels", str(labels), "--out", str(out)], catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli.app,
+        ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"), "--labels", str(labels), "--out", str(out)],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     g = json.loads(out.read_text())["all"]["grounded"]
     assert g["n"] == 12 and g["invalid"] == 0
@@ -186,19 +191,32 @@ def test_calibrate_with_a_panel_of_embedded_judges(tmp_path, monkeypatch):
     config = tmp_path / "panel.yaml"
     config.write_text(f"""
 corpus: {{path: docs}}
-rubric: {ROOT / 'configs/rubrics/taste.yaml'}
+rubric: {ROOT / "configs/rubrics/taste.yaml"}
 workdir: work
 sut: {{params: {{instructions: {{type: text, initial: x}}, top_k: {{type: int, low: 1, high: 2, initial: 1}},
-       chunk_size: {{type: choice, choices: [300], initial: 300}}, chunk_overlap: {{type: choice, choices: [0], initial: 0}}}}}}
+       chunk_size: {{type: choice, choices: [300], initial: 300}},
+       chunk_overlap: {{type: choice, choices: [0], initial: 0}}}}}}
 judge:
   models: [{{model: local, max_tokens: 40}}, {{model: local, max_tokens: 24}}]
   aggregate: min
 """)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "agreement.json"
-    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"),
-                                     "--labels", str(labels), "--config", str(config), "--out", str(out)],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli.app,
+        [
+            "calibrate",
+            "--rubric",
+            str(ROOT / "configs/rubrics/taste.yaml"),
+            "--labels",
+            str(labels),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert set(res["members"]) == {"judge", "judge2"}

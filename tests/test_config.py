@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -120,3 +119,63 @@ def test_trust_bar_keys_and_labels_path(tmp_path, corpus_dir):
         load_config(write_config(tmp_path, corpus_dir, judge="{trust: {labels: nowhere.jsonl}}"))
     with pytest.raises(InputError, match=r"judge\.trust\.min_valid"):
         load_config(write_config(tmp_path, corpus_dir, judge="{trust: {min_valid: 1.5}}"))
+
+
+@pytest.mark.parametrize("param, key, expected", [
+    ("hybrid_weight: {type: choice, choices: [0.0, 1.5], initial: 0.0}", "sut.params.hybrid_weight", "in [0, 1]"),
+    ("hybrid_weight: {type: text, initial: dense}", "sut.params.hybrid_weight", "number"),
+    ("demos: {type: float, low: 0, high: 2.5, initial: 0}", "sut.params.demos", "int or choice of integers"),
+    ("demos: {type: choice, choices: [0, 1.5], initial: 0}", "sut.params.demos", "int or choice of integers"),
+    ("max_tokens: {type: int, low: 0, high: 64, initial: 48}", "sut.params.max_tokens", "in [1, 8192]"),
+    ("repeat_penalty: {type: float, low: 0.5, high: 1.3, initial: 1.0}", "sut.params.repeat_penalty", "in [1, 2]"),
+    ("temperature: {type: choice, choices: [0.0, hot], initial: 0.0}", "sut.params.temperature", "number"),
+    ("hybrid_weight: {type: float, low: 0.0, high: 1.0, initial: 2.0}", "sut.params.hybrid_weight", "low <= initial"),
+])
+def test_bad_optional_rag_params(tmp_path, corpus_dir, param, key, expected):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace("optimizer:", f"    {param}\noptimizer:"))
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key.startswith(key) and expected in info.value.expected
+
+
+def test_optional_rag_params_load_and_a_hosted_sut_has_no_repeat_penalty(tmp_path, corpus_dir):
+    params = ("    hybrid_weight: {type: float, low: 0.0, high: 1.0, initial: 0.0}\n"
+              "    demos: {type: int, low: 0, high: 2, initial: 0}\n"
+              "    max_tokens: {type: choice, choices: [32, 48], initial: 48}\n"
+              "    repeat_penalty: {type: choice, choices: [1.0, 1.3], initial: 1.0}\n")
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace("optimizer:", params + "optimizer:"))
+    from selftune.config import initial_params
+    assert {k: v for k, v in initial_params(load_config(path)).items() if k != "instructions"} == {
+        "top_k": 2, "chunk_size": 200, "chunk_overlap": 20, "hybrid_weight": 0.0, "demos": 0, "max_tokens": 48,
+        "repeat_penalty": 1.0}
+    path.write_text(path.read_text() + "models: {sut: {model: openai/gpt-4o-mini}}\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert info.value.key == "sut.params.repeat_penalty" and "frequency_penalty" in info.value.expected
+
+
+def test_load_params_merges_over_initial_and_reads_what_tune_writes(tmp_path, corpus_dir):
+    from selftune.config import initial_params, load_params
+    from selftune.loop import write_best
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    partial = tmp_path / "p.yaml"
+    partial.write_text("params: {top_k: 3}\n")
+    assert load_params(partial, cfg) == {**initial_params(cfg), "top_k": 3}
+    best = {"instructions": "Quote the context: \"é\".", "top_k": 1, "chunk_size": 120, "chunk_overlap": 0}
+    write_best(tmp_path / "best" / "t.yaml", best)
+    assert load_params(tmp_path / "best" / "t.yaml", cfg) == best
+
+
+def test_bad_glob_and_corpus_keys(tmp_path, corpus_dir):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace(f"corpus: {{path: {corpus_dir}}}",
+                                             f"corpus: {{path: {corpus_dir}, glob: ['/etc/*']}}"))
+    with pytest.raises(InputError, match="relative to corpus.path") as info:
+        load_config(path)
+    assert info.value.key == "corpus.glob[0]"
+    path.write_text(path.read_text().replace("glob: ['/etc/*']", "follow_symlinks: true, max_file_mb: 0.5"))
+    cfg = load_config(path)
+    assert cfg.corpus.follow_symlinks is True and cfg.corpus.max_file_mb == 0.5

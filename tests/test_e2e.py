@@ -36,9 +36,23 @@ def test_tune_lands_in_mlflow(tuned):
     client, parent = check_tune_record(tmp / "work", output, rounds=2)
     m = parent.data.metrics
     assert m["judge/valid_rate"] >= 0.95
-    # judge.retest_sample (10) items re-judged, each validly scored twice; the flip rate counts items
-    assert m["judge/retest/n"] == 10 and (m["judge/retest/flip_rate"] * 10) == pytest.approx(round(m["judge/retest/flip_rate"] * 10))
+    for key in ("gain/val", "gain/test", "test/baseline_overall", "test/best_overall", "stats/probes"):
+        assert key in m
+    # judge.retest_sample (10) items re-judged; n counts those validly scored both times, the flip rate items
+    n = m["judge/retest/n"]
+    assert 1 <= n <= 10 and m["judge/retest/flip_rate"] * n == pytest.approx(round(m["judge/retest/flip_rate"] * n))
     assert len(client.get_metric_history(parent.info.run_id, "judge/swap/consistency")) == 2
+    best = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best.yaml")).read())
+    assert set(best["params"]) == {
+        "instructions",
+        "top_k",
+        "chunk_size",
+        "chunk_overlap",
+        "hybrid_weight",
+        "demos",
+        "max_tokens",
+        "repeat_penalty",
+    }
 
 
 def test_eval_answers_with_best_params_and_reuses_the_index(tuned, caplog):
@@ -46,13 +60,17 @@ def test_eval_answers_with_best_params_and_reuses_the_index(tuned, caplog):
 
     tmp, path, _ = tuned
     questions = tmp / "q.jsonl"
-    questions.write_text(json.dumps({"question": "What does the pass statement do?",
-                                     "reference": "pass is a null operation"}) + "\n"
-                         + json.dumps({"question": "When is AssertionError raised?"}) + "\n")
+    questions.write_text(
+        json.dumps({"question": "What does the pass statement do?", "reference": "pass is a null operation"})
+        + "\n"
+        + json.dumps({"question": "When is AssertionError raised?"})
+        + "\n"
+    )
     out = tmp / "answers.jsonl"
     with caplog.at_level(logging.INFO, logger="selftune.index"):
-        result = CliRunner().invoke(app, ["eval", str(path), "--questions", str(questions), "--out", str(out)],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            app, ["eval", str(path), "--questions", str(questions), "--out", str(out)], catch_exceptions=False
+        )
     assert not [r for r in caplog.records if "embedding" in r.getMessage()]  # every collection was reused
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -60,3 +60,23 @@ def test_invalid_items_are_not_paired():
     inc = ev([0.1, 0.1, None])
     d = decide(cand, inc, ON_C, GateSpec(), 0)
     assert d.n_paired == 1 and not d.promote
+
+
+def test_min_detectable_effect_by_hand():
+    from selftune.gate import min_detectable_effect
+
+    # (z_0.95 + z_0.8) * sd / sqrt(n) = (1.6449 + 0.8416) * 0.1 / sqrt(42) = 0.0384
+    assert min_detectable_effect(0.1, 42, 0.9) == pytest.approx(0.0384, abs=5e-4)
+    # the spread: at SD 0.13, 40 probes see about 0.05; 10 probes see only 0.1
+    assert min_detectable_effect(0.13, 40, 0.9) == pytest.approx(0.0511, abs=5e-4)
+    assert min_detectable_effect(0.1, 10, 0.9) > 2 * min_detectable_effect(0.1, 42, 0.9)
+    assert min_detectable_effect(0.1, 1, 0.9) is None
+
+
+def test_gain_pairs_by_probe_and_brackets_the_mean():
+    from selftune.gate import gain
+
+    cand, inc = ev([0.9, 0.8, 0.7, 0.9, 0.6, 0.8]), ev([0.5, 0.6, 0.6, 0.4, 0.6, 0.5])
+    g = gain(cand, inc, ON_C, GateSpec(), 0)
+    assert g["gain"] == pytest.approx(0.25) and g["n"] == 6 and g["low"] < 0.25 < g["high"] and g["low"] > 0
+    assert gain(ev([0.9]), ev([0.1]), ON_C, GateSpec(), 0) is None  # one pair is no interval

@@ -8,6 +8,7 @@ def test_build_once_then_reuse_without_embedding(tmp_path, corpus_dir):
     index = Index(corpus, emb, tmp_path / "chroma")
     hits = index.search("What does the pass statement do?", 2, 200, 20)
     assert hits[0].doc == "pass.txt" and len(hits) == 2
+    assert 0.0 < hits[1].score <= hits[0].score <= 1.0  # cosine similarity, best first
     assert index.built and emb.encoded > 2
 
     emb2 = Embedder()

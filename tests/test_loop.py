@@ -1,12 +1,11 @@
 """The whole loop on fake LMs, with a real chromadb, the real embedder and a real MLflow store."""
 
 import json
-import re
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FakeModels, no_progress, write_config
+from conftest import FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
 from selftune.tracking import MlflowTracker
@@ -37,10 +36,71 @@ def test_loop_records_rounds_in_mlflow(tmp_path, corpus_dir):
                                   filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
     assert len(children) == 3
     for child in children:
-        assert {"val/overall", "val/grounded", "val/retrieval_hit", "train/overall"} <= set(child.data.metrics)
+        assert {"val/overall", "val/grounded", "val/retrieval_hit"} <= set(child.data.metrics)
+        rnd = result.rounds[int(child.data.tags["selftune.round"])]
+        # train is answered for the baseline and each promoted candidate only (its failures feed rewrites)
+        assert ("train/overall" in child.data.metrics) == (rnd.index == 0 or rnd.gate.promote)
         assert child.data.params["top_k"] in {"1", "2", "3"}
-        assert {a.path for a in client.list_artifacts(child.info.run_id, "tables")} == {"tables/train.json", "tables/val.json"}
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "tables")} == {
+            "tables/train.json",
+            "tables/val.json",
+        }
     assert parent.data.metrics["judge/valid_rate"] == 1.0
+
+
+def test_judged_items_are_traces_of_their_runs_and_the_report_is_written(tmp_path, corpus_dir):
+    cfg, models, result, tracker = run(tmp_path, corpus_dir, rounds=1)
+    client = MlflowClient(cfg.tracking_uri())
+    eid = tracker.experiment_id
+    for rnd in result.rounds:
+        [child] = client.search_runs([eid], filter_string=f"tags.`selftune.round` = '{rnd.index}'")
+        traces = client.search_traces(locations=[eid], run_id=child.info.run_id)
+        questions = {j.answer.probe.question for e in (rnd.train, rnd.val) for j in e.judgments}
+        assert len(traces) == len(questions) and {t.info.request_preview for t in traces} == questions
+    on_parent = client.search_traces(locations=[eid], run_id=tracker.parent_id)
+    n_test = len(result.test_baseline.judgments) * (1 if result.best.index == 0 else 2)
+    assert len(on_parent) == n_test and {t.info.tags["selftune.split"] for t in on_parent} == {"test"}
+    metrics = client.get_run(tracker.parent_id).data.metrics
+    assert metrics["traces/items"] == tracker.traces.items and metrics["traces/failed"] == 0
+    # the prompt a trace shows is the prompt the system under test was sent
+    trace = client.get_trace(tracker.traces.ids["round-00"][0])
+    gen = next(s for s in trace.data.spans if s.name == "generate")
+    sent = [c["messages"] for c in models.roles["sut"].engine.calls]
+    assert gen.inputs["messages"] in sent
+    grounded = next(a for a in trace.info.assessments if a.name == "grounded")
+    assert grounded.rationale == "looks grounded" and grounded.source.source_type == "LLM_JUDGE"
+    assert set(json.loads(client.get_run(tracker.parent_id).data.tags["selftune.datasets"])) == {"train", "val", "test"}
+    report = (cfg.workdir / "report" / "report.html").read_text()
+    assert "Validation score per round" in report and tracker.report_dir == cfg.workdir / "report"
+    arts = {a.path for a in client.list_artifacts(tracker.parent_id)}
+    assert {"report.html", "report.md", "figures"} <= arts
+
+
+def test_traces_off_and_one_overall_progress_bar(tmp_path, corpus_dir):
+    import io
+
+    from selftune.runtime import TuneProgress
+
+    cfg = load_config(write_config(tmp_path, corpus_dir, tracking="{traces: false}"))
+    tracker = MlflowTracker(cfg)
+    bars = TuneProgress(file=io.StringIO())
+    result = tune(Session(cfg, models=FakeModels()), 1, tracker, bars)
+    planned = bars.overall.total
+    bars.close()
+    assert tracker.traces is None
+    assert MlflowClient(cfg.tracking_uri()).search_traces(locations=[tracker.experiment_id]) == []
+    n = {
+        s: len(e.judgments)
+        for s, e in (("train", result.rounds[0].train), ("val", result.rounds[0].val), ("test", result.test_baseline))
+    }
+    # counted in items: every probe attempt, then every answer; planned with validation answered by the
+    # baseline and each candidate, the baseline's train minibatch, and the test split answered twice
+    attempts, rounds = result.stats["attempts"], 2
+    assert planned == attempts + n["train"] + rounds * n["val"] + 2 * n["test"]
+    answered = sum(len(e.judgments) for r in result.rounds for e in (r.train, r.val))
+    done = attempts + answered + n["test"] * (1 if result.best.index == 0 else 2)
+    assert bars.overall.n == bars.overall.total == done
+    assert (cfg.workdir / "report" / "report.html").is_file()
 
 
 def test_test_split_is_never_seen_before_the_end(tmp_path, corpus_dir):
@@ -62,10 +122,16 @@ def test_rerun_reuses_probes_and_embeds_no_chunk(tmp_path, corpus_dir):
     _, models2, second, _ = run(tmp_path, corpus_dir, rounds=1)
     assert n_gen > 0 and models2.roles["generator"].engine.calls == []
     assert second.stats["index_collections_built"] == 0
-    n_queries = sum(len(e.judgments) for r in second.rounds for e in (r.train, r.val)) + len(second.test_baseline.judgments)
-    n_queries += 0 if second.best.index == 0 else len(second.test_best.judgments)
-    assert second.stats["texts_embedded"] == n_queries  # only the questions were embedded
-    ids = lambda res: sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
+    # only questions were embedded, each once: every evaluated item's, and stage 1's (train and val probes
+    # with a known source, screened under every retrieval setting without an LM call)
+    evaluated = [e for r in second.rounds for e in (r.train, r.val)] + [second.test_baseline, second.test_best]
+    asked = {j.answer.probe.question for e in evaluated for j in e.judgments}
+    probes = [json.loads(line) for f in (tmp_path / "work" / "probes").glob("*.jsonl") for line in f.open()]
+    asked |= {p["question"] for p in probes if p["split"] != "test" and p.get("source_doc")}
+    assert second.stats["texts_embedded"] == len(asked)
+    def ids(res):
+        return sorted(j.answer.probe.id for e in (res.rounds[0].train, res.rounds[0].val) for j in e.judgments)
+
     assert ids(first) == ids(second)
 
 
@@ -87,7 +153,33 @@ def test_interrupt_keeps_finished_rounds(tmp_path, corpus_dir, monkeypatch):
         tune(session, 3, tracker, no_progress)
     client = MlflowClient(cfg.tracking_uri())
     assert client.get_run(tracker.parent_id).info.status == "KILLED"
-    children = client.search_runs([client.get_run(tracker.parent_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
+    children = client.search_runs(
+        [client.get_run(tracker.parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'",
+    )
     assert sorted(c.data.tags["selftune.round"] for c in children) == ["0", "1"]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, corpus_dir):
+    """Round 1 is stage 1's retrieval move; round 2 rewrites the instructions into nonsense, which is
+    stopped after the first slice of validation: recorded as pruned, never compared or promoted."""
+    from selftune.demo_corpus import materialize
+
+    materialize(corpus_dir / "ref", ["assert", "pass", "break", "continue", "del", "return", "global", "raise"])
+    cfg = load_config(
+        write_config(tmp_path, corpus_dir, probes="{count: 30}", optimizer="{rounds: 2, slices: [3], train_items: 4}")
+    )
+    models = FakeModels()
+    sut = models.roles["sut"].engine.script
+    models.roles["sut"].engine.script = lambda m: "banana" if "banana" in m[0]["content"] else sut(m)
+    models.roles["optimizer"] = fake_role(
+        lambda m: "Reply with the single word banana and nothing else at all.", local=True
+    )  # the lean path: one rewrite, taken as it is
+    result = tune(Session(cfg, models=models), 2, MlflowTracker(cfg), no_progress)
+    r2 = result.rounds[2]
+    n_val = len(result.rounds[0].val.judgments)
+    assert n_val > 3 and r2.pruned and len(r2.val.judgments) == 3 and not r2.gate.promote
+    assert r2.gate.reason.startswith("pruned after 3 validation items: clearly worse than the incumbent")
+    assert all(j.answer.text == "banana" for j in r2.val.judgments) and r2.train.judgments == ()
+    assert result.stats["search/stage1_settings_screened"] > 0 and result.stats["calls/total"] > 0

@@ -29,7 +29,6 @@ def test_caps_rules_and_flags_in_one_place():
 
 
 def test_checks_objective_ignores_llm_scores_but_keeps_caps(tmp_path):
-    from conftest import ROOT
 
     rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
     probe = Probe(id="p", question="What does pass do?", reference="pass does nothing", source_doc="d",
@@ -48,7 +47,13 @@ def test_checks_objective_ignores_llm_scores_but_keeps_caps(tmp_path):
 
 
 def test_pairwise_objective_uses_preferences_for_llm_criteria_only():
-    rubric = load_rubric(ROOT / "configs/rubrics/taste.yaml")
+    rubric = Rubric.model_validate({"criteria": [
+        {"name": "grounded", "kind": "llm", "weight": 2, "description": "Supported by the context."},
+        {"name": "concise", "kind": "check", "check": {"type": "word_bounds", "max": 60}},
+        {"name": "retrieval_hit", "kind": "check", "check": {"type": "retrieval_hit"}},
+        {"name": "correct", "kind": "check", "weight": 2, "check": {"type": "reference_match"}},
+        {"name": "quotes_source", "kind": "check", "check": {"type": "cites_context"}},
+        {"name": "abstains", "kind": "check", "check": {"type": "abstains"}}]})
     probe = Probe(id="p", question="q?")
     checks = {"concise": Score(value=1.0), "retrieval_hit": Score(status="n/a"), "correct": Score(status="n/a"),
               "quotes_source": Score(value=0.0), "abstains": Score(value=1.0)}

@@ -28,29 +28,89 @@ def rnd(index, params, value, incumbent=0, overall=None):
 BASE = {"instructions": "Answer from the context.", "top_k": 2, "chunk_size": 200}
 
 
+def cheap(setting):  # a cheap objective that prefers more chunks, then the smaller chunk size
+    return setting["top_k"] / 10 + (setting["chunk_size"] == 100) * 0.01
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_proposals_stay_in_space_and_rewrite_from_train_failures(sampler):
+def test_one_lever_per_round_first_move_from_stage_1_then_search_and_rewrites(sampler):
     seen = []
-    role = fake_role(lambda m: (seen.append(m[-1]["content"]), "Answer in one short sentence quoting the context.")[1])
-    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(sampler=sampler), seed=0)
+    # a new text per call: the same text under the same params is not proposed twice (test_pool.py)
+    role = fake_role(lambda m: (seen.append(m[-1]["content"]),
+                                f"Answer in one short sentence quoting the context, take {len(seen)}.")[1])
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(sampler=sampler), seed=0, cheap=cheap)
     history = [rnd(0, BASE, 0.4)]
-    for i in range(1, 6):
+    for i in range(1, 7):
         params, notes = opt.propose(history)
         assert 1 <= params["top_k"] <= 4 and params["chunk_size"] in (100, 200)
-        assert params["instructions"] == "Answer in one short sentence quoting the context."
-        assert "rewritten" in notes[0]
+        incumbent = history[history[-1].incumbent_index]
+        if i % 2:  # search rounds change the non-text params only
+            assert params["instructions"] == incumbent.params["instructions"] and notes[0].startswith("search")
+        else:  # rewrite rounds change the instructions only
+            assert {k: params[k] for k in ("top_k", "chunk_size")} == {
+                k: incumbent.params[k] for k in ("top_k", "chunk_size")
+            }
+            assert params["instructions"] == f"Answer in one short sentence quoting the context, take {len(seen)}."
+            assert "rewritten" in notes[0]
+        if i == 1:  # stage 1's best retrieval setting, no LM call made for it
+            assert (params["top_k"], params["chunk_size"]) == (4, 100) and not seen
         history.append(rnd(i, params, 0.4 + i / 100))
     assert "too long" in seen[0] and "q0?" in seen[0]  # the rationales of the worst train items
-    assert len(opt.study.trials) == 6  # baseline + 5 proposals, all told
+    assert opt.ledger()["stage1_settings_screened"] == 8  # 4 top_k x 2 chunk sizes, each scored once
 
 
 def test_rejected_rewrite_falls_back_to_weakest_criterion_description():
     role = fake_role(lambda m: "ok")
-    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0)
-    params, notes = opt.propose([rnd(0, BASE, 0.4)])
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
+    history = [rnd(0, BASE, 0.4)]
+    history.append(rnd(1, opt.propose(history)[0], 0.3))  # a search round, not promoted
+    params, notes = opt.propose(history)
     concise = next(c for c in RUBRIC.criteria if c.name == "concise")
     assert params["instructions"].endswith(concise.description)
     assert "rejected (too short)" in notes[0]
+
+
+def test_rewrite_alarms_reject_reward_hacking_and_count_it():
+    from selftune.optimize import rewrite_alarms
+
+    shown = list(rnd(0, BASE, 0.4).train.judgments)
+    probe = shown[0].answer.probe.model_copy(update={"question": "What does the pass statement do in a loop body?"})
+    shown[0] = shown[0].model_copy(update={"answer": shown[0].answer.model_copy(update={"probe": probe})})
+    assert rewrite_alarms("Say what the pass statement do in a loop body precisely.", shown, []) == [
+        "copies_probe_text"
+    ]
+    assert rewrite_alarms("Answer so the grader gives the top score.", shown, []) == ["grader_talk"]
+    assert rewrite_alarms("Answer briefly from the context, quoting it.", shown, [10, 20]) == ["length_creep"]
+    assert rewrite_alarms("Answer briefly from the context.", shown, [10, 40]) == []
+    role = fake_role(lambda m: "Answer the question so the judge gives a perfect score.")
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
+    history = [rnd(0, BASE, 0.4)]
+    history.append(rnd(1, opt.propose(history)[0], 0.3))
+    params, notes = opt.propose(history)
+    assert "alarm: grader_talk" in notes[0] and opt.alarms == {"grader_talk": 1}
+    assert "judge" not in params["instructions"]
+
+
+def test_checkpoint_prunes_a_clearly_losing_candidate_only():
+    from selftune.config import GateSpec
+
+    opt = Optimizer(SPACE, RUBRIC, fake_role(lambda m: "x"), OptimizerSpec(), seed=0, cheap=cheap)
+
+    def items(value, n=10):
+        return [
+            Judgment(
+                answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split="val"), text="a"),
+                scores={"correct": Score(value=value)},
+                overall=value,
+            )
+            for i in range(n)
+        ]
+
+    incumbent = Evaluation(params={}, split="val", judgments=tuple(items(0.8, 40)))
+    assert opt.checkpoint(items(0.1), incumbent, GateSpec())
+    assert opt.pruned_reason.startswith("pruned after 10 validation items: clearly worse than the incumbent")
+    mixed = [j.model_copy(update={"overall": 0.9 if k % 2 else 0.6}) for k, j in enumerate(items(0.0))]
+    assert not opt.checkpoint(mixed, incumbent, GateSpec())  # within noise of the incumbent: goes on
 
 
 def test_validate_rewrite():
@@ -77,31 +137,36 @@ def test_no_test_probe_text_reaches_the_optimizer_model(tmp_path, corpus_dir):
     shown = [j for r in result.rounds for ev in (r.train, r.val) for j in ev.judgments]
     train_text = "\n".join(f"{j.answer.text}\n{j.answer.probe.reference or ''}" for j in shown)
     secrets = {j.answer.probe.question for j in test} | {
-        j.answer.probe.reference for j in test if j.answer.probe.reference and j.answer.probe.reference not in train_text}
+        j.answer.probe.reference
+        for j in test
+        if j.answer.probe.reference and j.answer.probe.reference not in train_text
+    }
     train_qs = {j.answer.probe.question for j in result.rounds[0].train.judgments}
     calls = models.roles["optimizer"].engine.calls
     seen = "\n".join(m["content"] for call in calls for m in call["messages"])
     assert calls and secrets and any(q in seen for q in train_qs)  # it did see train failures
+    # the fake optimizer model is hosted: its rewrite ran GEPA on train minibatches through the loop's callback
+    assert result.stats["search/gepa_runs"] == 1 and result.stats["search/gepa_items_answered"] > 0
     assert not [s for s in secrets if s in seen]
 
 
 def test_steer_makes_the_optimizer_chase_only_the_trusted_criteria():
     seen = []
     role = fake_role(lambda m: (seen.append(m[-1]["content"]), "Answer in one short sentence quoting the context.")[1])
-    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0)
+    opt = Optimizer(SPACE, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
     history = [rnd(0, BASE, 0.4, overall=0.8)]
     params, _ = opt.propose(history)
-    assert [t.value for t in opt.study.trials if t.value is not None] == pytest.approx([0.8])  # the overall
+    assert opt.search.best()[1] == pytest.approx(0.8)  # the baseline, told on the overall
     history.append(rnd(1, params, 0.6, overall=0.9))
-    assert "concise: too long" in seen[-1]
     # the judge fell below the bar: climb the checks alone, and show the rewriter only their reasons
-    correct_only = Rubric.model_validate({"criteria": [
-        {"name": "correct", "kind": "check", "weight": 1, "check": {"type": "reference_match"}}]})
+    correct_only = Rubric.model_validate(
+        {"criteria": [{"name": "correct", "kind": "check", "weight": 1, "check": {"type": "reference_match"}}]}
+    )
     opt.steer(checks_only(correct_only, 0.0))
-    params, _ = opt.propose(history)
+    params, _ = opt.propose(history)  # a rewrite round
     assert "too long" not in seen[-1] and "q0?" in seen[-1]
-    # the sampler's history was re-scored on the new signal: "correct" (0.4, 0.6), not the overall
-    assert sorted(t.value for t in opt.study.trials if t.value is not None) == pytest.approx([0.4, 0.6])
+    # the search's history was re-scored on the new signal: "correct" (0.4, 0.6), not the overall (0.8, 0.9)
+    assert opt.search.best()[1] == pytest.approx(0.6)
     assert opt.value(history[1].val) == pytest.approx(0.6)
     opt.steer(whole_rubric(RUBRIC, 0.0))  # back within the bar: every criterion again
     assert opt.value(history[1].val) == pytest.approx(0.9)

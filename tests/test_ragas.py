@@ -11,7 +11,9 @@ from selftune.ragas_metrics import bounded
 from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import Rubric, load_rubric
 
-PROBE = Probe(id="p", question="What does pass do?", reference="pass is a null operation; nothing happens when it runs.")
+PROBE = Probe(
+    id="p", question="What does pass do?", reference="pass is a null operation; nothing happens when it runs."
+)
 CTX = (Chunk(id="c", doc="d", start=0, end=1, text="pass is a null operation: when it is executed, nothing happens."),)
 
 
@@ -20,10 +22,12 @@ def rubric(*criteria):
 
 
 def test_non_llm_metrics_are_computed_by_ragas():
-    r = rubric({"name": "rouge", "kind": "ragas", "metric": "rouge_score", "options": {"rouge_type": "rouge1"}},
-               {"name": "sim", "kind": "ragas", "metric": "non_llm_string_similarity"},
-               {"name": "exact", "kind": "ragas", "metric": "exact_match"},
-               {"name": "ctx_recall", "kind": "ragas", "metric": "non_llm_context_recall"})
+    r = rubric(
+        {"name": "rouge", "kind": "ragas", "metric": "rouge_score", "options": {"rouge_type": "rouge1"}},
+        {"name": "sim", "kind": "ragas", "metric": "non_llm_string_similarity"},
+        {"name": "exact", "kind": "ragas", "metric": "exact_match"},
+        {"name": "ctx_recall", "kind": "ragas", "metric": "non_llm_context_recall"},
+    )
     judge = Judge(r, None)
     same = judge.judge(Answer(probe=PROBE, text=PROBE.reference, contexts=CTX))
     other = judge.judge(Answer(probe=PROBE, text="It loops forever over the list.", contexts=CTX))
@@ -39,8 +43,14 @@ def test_llm_metric_runs_on_the_judge_model_with_its_schema():
     def script(m):
         prompt = m[-1]["content"]
         if '"verdict"' in prompt:
-            return json.dumps({"statements": [{"statement": "pass does nothing.", "reason": "stated", "verdict": 1},
-                                              {"statement": "pass loops.", "reason": "not stated", "verdict": 0}]})
+            return json.dumps(
+                {
+                    "statements": [
+                        {"statement": "pass does nothing.", "reason": "stated", "verdict": 1},
+                        {"statement": "pass loops.", "reason": "not stated", "verdict": 0},
+                    ]
+                }
+            )
         return json.dumps({"statements": ["pass does nothing.", "pass loops."]})
 
     role = fake_role(script, local=True)
@@ -69,7 +79,15 @@ def test_llm_metric_needs_a_judge_model_and_unknown_metric_is_named(tmp_path):
 
 
 def test_bounded_schema():
-    s = bounded({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}},
-                                                  "c": {"type": "string", "enum": ["x"]}}})
+    s = bounded(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"type": "string"},
+                "b": {"type": "array", "items": {"type": "string"}},
+                "c": {"type": "string", "enum": ["x"]},
+            },
+        }
+    )
     assert s["properties"]["a"]["maxLength"] == 160 and s["properties"]["b"]["maxItems"] == 6
     assert s["properties"]["b"]["minItems"] == 1 and "maxLength" not in s["properties"]["c"]

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from conftest import ROOT, FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
-from selftune.records import Answer, Chunk, Judgment, Probe, Score
+from selftune.records import Answer, Chunk, Probe
 from selftune.rubric import load_rubric
 from selftune.checks import token_f1
 from selftune.tracking import MlflowTracker, report
@@ -129,8 +129,9 @@ def test_pairwise_mode_promotes_on_order_debiased_preferences(tmp_path, corpus_d
     for r in result.rounds[1:]:
         assert r.gate.reason.startswith("pairwise: ")
         # the LLM criterion's delta is the mean order-debiased preference (2p - 1), not a score difference
-        inc = {j.answer.probe.id: j.answer.text for j in result.rounds[result.rounds[r.index - 1].incumbent_index].val.judgments}
-        expect = [(len(j.answer.text) > len(inc[j.answer.probe.id])) - (len(j.answer.text) < len(inc[j.answer.probe.id]))
+        faced = result.rounds[result.rounds[r.index - 1].incumbent_index]
+        inc = {j.answer.probe.id: len(j.answer.text) for j in faced.val.judgments}
+        expect = [(len(j.answer.text) > inc[j.answer.probe.id]) - (len(j.answer.text) < inc[j.answer.probe.id])
                   for j in r.val.judgments if j.answer.probe.id in inc]
         assert r.gate.criterion_deltas["grounded"] == pytest.approx(sum(expect) / len(expect))
 
@@ -191,7 +192,8 @@ def test_ragas_llm_metrics_are_retested_and_length_checked():
 
     def script(m):  # ragas faithfulness: statements, then a verdict that changes after the first pass
         if '"verdict"' in m[-1]["content"]:
-            return json.dumps({"statements": [{"statement": "pass does nothing.", "reason": "r", "verdict": state["verdict"]}]})
+            statement = {"statement": "pass does nothing.", "reason": "r", "verdict": state["verdict"]}
+            return json.dumps({"statements": [statement]})
         return json.dumps({"statements": ["pass does nothing."]})
 
     rubric = Rubric.model_validate({"criteria": [{"name": "faithful", "kind": "ragas", "metric": "faithfulness"}]})

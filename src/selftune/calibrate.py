@@ -8,8 +8,8 @@ Items (``selftune judge``) and labels (``selftune calibrate``) are JSONL, one ob
 ``contexts`` and ``reference`` are optional; ``labels`` (calibrate only) holds, per criterion, a level
 on its scale (LLM criteria) or ``pass``/``fail`` (checks, and LLM criteria labelled that way: pass
 means the upper half of the scale). Agreement per criterion: Cohen's kappa (quadratic weights on an
-ordinal scale, unweighted for pass/fail; on rounded levels) and Spearman's rho (on the unrounded score), each with a bootstrap 95% interval, and
-the confusion table (rows: human, columns: judge).
+ordinal scale, unweighted for pass/fail; on rounded levels) and Spearman's rho (on the unrounded
+score), each with a bootstrap 95% interval, and the confusion table (rows: human, columns: judge).
 
 ``--align`` splits the labels by seed: the disagreements of one part become calibration examples for
 the LLM criteria; agreement is reported before and after on the other part only.
@@ -32,7 +32,7 @@ PASS = {"pass": 1, "fail": 0, True: 1, False: 0}
 
 def read_items(path: Path, rubric: Rubric | None = None, need_labels: bool = False) -> list[dict[str, Any]]:
     """Validated rows; every problem names the file, the line and the key."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "", "file not found")
     names = {c.name: c for c in rubric.criteria} if rubric else {}
     rows = []
@@ -54,7 +54,8 @@ def read_items(path: Path, rubric: Rubric | None = None, need_labels: bool = Fal
             for name, value in labels.items():
                 c = names.get(name)
                 if c is None:
-                    raise InputError(path, f"line {n}.labels.{name}", f"unknown criterion; expected one of {sorted(names)}")
+                    raise InputError(path, f"line {n}.labels.{name}",
+                                     f"unknown criterion; expected one of {sorted(names)}")
                 ok_pass = value in ("pass", "fail") or isinstance(value, bool)
                 ok_level = isinstance(c, LLMCriterion) and isinstance(value, int) and not isinstance(value, bool) \
                     and c.scale.min <= value <= c.scale.max
@@ -241,7 +242,8 @@ def calibration_text(result: dict[str, Any]) -> str:
     sections = [("all items", result["all"])]
     sections += [(f"all items, judge {name} alone", agg) for name, agg in result.get("members", {}).items()]
     if "align" in result:
-        sections += [(f"held-out {result['align']['held_out_items']} items, before alignment", result["align"]["before"]),
+        held = result["align"]["held_out_items"]
+        sections += [(f"held-out {held} items, before alignment", result["align"]["before"]),
                      ("same items, after alignment", result["align"]["after"])]
     for title, agg in sections:
         lines.append(f"# {title}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from .quotes import Copies, cites, own
 from .records import Answer, Score
-from .rubric import Abstains, CheckSpec, CitesContext, ReferenceMatch, Regex, RetrievalHit, WordBounds
+from .reference import consistent_f1, contradiction
+from .rubric import Abstains, CheckSpec, CitesContext, OwnWords, ReferenceMatch, Regex, RetrievalHit, WordBounds
 
 _WORD = re.compile(r"[a-z0-9_]+")
+PASTE_WORDS = 4  # a run this long copied from the context counts as pasted (reference_match: consistent)
 
 
 def words(text: str) -> list[str]:
@@ -57,6 +60,14 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
         ref = answer.probe.reference
         if not ref:
             return Score(status="n/a", rationale="probe has no reference answer")
+        if spec.method == "no_contradiction":
+            why = contradiction(text, ref, answer.probe.question)
+            return Score(value=float(why is None), raw=float(why is None),
+                         rationale=f"contradicts the reference: {why}"[:300] if why else "no contradiction found")
+        if spec.method == "consistent":
+            copies = Copies(answer, PASTE_WORDS)
+            value, why = consistent_f1(text, ref, answer.probe.question, copies.unpasted() if copies.excess else None)
+            return Score(value=value, raw=value, rationale=why)
         if spec.method == "f1":
             f1 = token_f1(text, ref)
             return Score(value=f1, raw=f1, rationale=f"token F1 with the reference = {f1:.2f}")
@@ -64,15 +75,9 @@ def run_check(spec: CheckSpec, answer: Answer) -> Score:
         return Score(value=float(inside), raw=float(inside),
                      rationale=f"reference {'contained' if inside else 'not contained'} in the answer")
     if isinstance(spec, CitesContext):
-        if not answer.probe.answerable:
-            return Score(status="n/a", rationale="unanswerable probe: nothing to cite")
-        aw = words(text)
-        grams = {tuple(aw[i:i + spec.min_words]) for i in range(len(aw) - spec.min_words + 1)}
-        for i, c in enumerate(answer.contexts):
-            cw = words(c.text)
-            if any(tuple(cw[j:j + spec.min_words]) in grams for j in range(len(cw) - spec.min_words + 1)):
-                return Score(value=1.0, raw=i + 1, rationale=f"shares {spec.min_words} words in a row with context {i + 1}")
-        return Score(value=0.0, raw=0, rationale=f"no run of {spec.min_words} words from any retrieved context")
+        return cites(answer, spec.min_words)
+    if isinstance(spec, OwnWords):
+        return own(answer, spec.min_words)
     if isinstance(spec, Abstains):
         said = re.search(spec.pattern, text) is not None
         should = not answer.probe.answerable

@@ -3,7 +3,8 @@
 - ``selftune tune CONFIG``: probes, rounds, promotion, the held-out test report; all logged to MLflow;
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
-- ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels.
+- ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
+- ``selftune ui [CONFIG]``: the MLflow UI on the config's store, offline-safe; prints the last tune's URL.
 
 Bad input exits with code 2 and one line naming file, key and expectation.
 """
@@ -38,23 +39,29 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
         from .loop import Session, tune as run_tune, write_best
         from .tracking import MlflowTracker
 
+        from .runtime import TuneProgress
+
         session = Session(cfg)
         tracker = MlflowTracker(cfg)
+        bars = TuneProgress()
         try:
-            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, progress)
+            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars)
         finally:
+            bars.close()
             session.close()
     except InputError as err:
         _fail(err)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished rounds are kept in MLflow", err=True)
         raise typer.Exit(130) from None
-    write_best(cfg.best_path(), result.best.params)
+    write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
     from .tracking import report
 
     typer.echo(report(result))
     typer.echo(f"MLflow run: {tracker.parent_id}  (experiment '{cfg.tracking.experiment}', {cfg.tracking_uri()})")
     typer.echo(f"best params: {cfg.best_path()}")
+    if tracker.report_dir is not None:
+        typer.echo(f"report: {tracker.report_dir / 'report.html'}")
 
 
 @app.command("eval")
@@ -63,32 +70,29 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
           corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
           params: str = typer.Option("best", help="baseline | best | PATH to a params YAML")) -> None:
     """Answer your own questions with the pipeline and score them with the rubric."""
-    from .config import initial_params, load_config
-    from .errors import read_yaml
+    from .config import initial_params, load_config, load_params
 
     try:
         cfg = load_config(config, corpus)
         setup(cfg.workdir)
-        from .loop import Session
+        from .loop import Session, load_demos
         from .probes import load_user_probes
 
-        if not questions.is_file():
-            raise InputError(questions, "", "file not found")
         probes = [p.model_copy(update={"split": "test"}) for p in load_user_probes(questions)]
-        chosen = dict(initial_params(cfg))
+        if not probes:
+            raise InputError(questions, "", "no questions; expected one JSON object per line")
+        if out.is_dir():
+            raise InputError(out, "", "is a directory, expected a file to write the answers to")
+        chosen = initial_params(cfg)
         if params != "baseline":
             path = cfg.best_path() if params == "best" else Path(params)
-            if not path.is_file():
+            if not path.exists():
                 raise InputError(path, "", "no params file (run `selftune tune` first, or pass --params baseline)")
-            data = read_yaml(path)
-            if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
-                raise InputError(path, "params", "expected a mapping of param name to value")
-            unknown = sorted(set(data["params"]) - set(chosen))
-            if unknown:
-                raise InputError(path, f"params.{unknown[0]}", f"unknown param; expected one of {sorted(chosen)}")
-            chosen.update(data["params"])
+            chosen = load_params(path, cfg)
         session = Session(cfg)
         try:
+            if params != "baseline":
+                load_demos(session, path)
             ev = session.evaluate(chosen, probes, "test", progress)
         finally:
             session.close()
@@ -97,7 +101,14 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
     from .loop import eval_rows
 
     _write_jsonl(out, eval_rows(ev))
-    typer.echo(f"wrote {len(ev.judgments)} answers to {out} (overall {ev.overall() if ev.overall() is not None else 'n/a'})")
+    overall = ev.overall()
+    typer.echo(f"wrote {len(ev.judgments)} answers to {out} (overall {overall if overall is not None else 'n/a'})")
+
+
+def _writable(out: Path) -> None:
+    """Checked before any work, so nothing computed is lost to a bad --out."""
+    if out.is_dir():
+        raise InputError(out, "", "is a directory, expected a file to write to")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -118,6 +129,7 @@ def judge_cmd(rubric: Path = typer.Option(..., help="rubric YAML"),
     from .runtime import judge_runtime
 
     try:
+        _writable(out)
         rows = read_items(items)
         rt = judge_runtime(rubric, config, seed)
         try:
@@ -135,7 +147,8 @@ def judge_cmd(rubric: Path = typer.Option(..., help="rubric YAML"),
 def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
               labels: Path = typer.Option(..., help="JSONL items with human `labels` per criterion"),
               config: Path = typer.Option(None, help="take the judge model and MLflow store from this config"),
-              align: bool = typer.Option(False, help="use half the labels as calibration examples; report before/after on the rest"),
+              align: bool = typer.Option(False, help="use half the labels as calibration examples; "
+                                                     "report before/after on the rest"),
               out: Path = typer.Option(None, help="also write the agreement report as JSON here"),
               seed: int = 0) -> None:
     """Agreement of the judge with human labels: Cohen's kappa and Spearman's rho with bootstrap
@@ -145,6 +158,8 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     from .runtime import judge_runtime
 
     try:
+        if out is not None:
+            _writable(out)
         rows = read_items(labels, load_rubric(rubric), need_labels=True)
         rt = judge_runtime(rubric, config, seed)
         try:
@@ -162,6 +177,19 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+@app.command()
+def ui(config: Path = typer.Argument(None, help="run config (default: ./.selftune/mlflow.db)"),
+       port: int = typer.Option(5000, help="port on 127.0.0.1 (0: any free port)")) -> None:
+    """Open the config's MLflow store in the MLflow UI on 127.0.0.1 (offline-safe); print the URL of
+    the last tune's parent run; stop the server on Ctrl-C."""
+    from .ui import open_ui
+
+    try:
+        open_ui(config, port, typer.echo)
+    except InputError as err:
+        _fail(err)
 
 
 def main() -> None:

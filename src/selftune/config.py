@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InputError, read_yaml, validate
+from .records import Params
 
 ROLES = ("generator", "sut", "judge", "optimizer")
 
@@ -41,9 +42,17 @@ class Models(Strict):
     optimizer: ModelSpec = ModelSpec(temperature=0.7, max_tokens=120)
 
 
+def _relative_glob(g: str) -> str:
+    if not g.strip() or g.startswith(("/", "~")) or ".." in g.split("/"):
+        raise ValueError("expected a pattern relative to corpus.path (no leading '/' or '..')")
+    return g
+
+
 class CorpusSpec(Strict):
     path: Path
-    glob: list[str] = ["**/*.md", "**/*.txt"]
+    glob: list[Annotated[str, AfterValidator(_relative_glob)]] = Field(["**/*.md", "**/*.txt"], min_length=1)
+    follow_symlinks: bool = Field(False, description="read links that resolve outside `path` (off: skipped)")
+    max_file_mb: float = Field(20.0, gt=0, le=100_000, description="larger documents are skipped and reported")
 
 
 class IntParam(Strict):
@@ -54,6 +63,20 @@ class IntParam(Strict):
 
     @model_validator(mode="after")
     def _range(self) -> IntParam:
+        if not self.low <= self.initial <= self.high:
+            raise ValueError(f"`low <= initial <= high` must hold, but got "
+                             f"(low={self.low}, initial={self.initial}, high={self.high})")
+        return self
+
+
+class FloatParam(Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    initial: float
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
         if not self.low <= self.initial <= self.high:
             raise ValueError(f"`low <= initial <= high` must hold, but got "
                              f"(low={self.low}, initial={self.initial}, high={self.high})")
@@ -78,7 +101,13 @@ class TextParam(Strict):
     max_chars: int = Field(800, ge=20)
 
 
-ParamSpec = Annotated[IntParam | ChoiceParam | TextParam, Field(discriminator="type")]
+ParamSpec = Annotated[IntParam | FloatParam | ChoiceParam | TextParam, Field(discriminator="type")]
+# Optional params of the builtin RAG (absent = today's behaviour): name -> (lowest, highest, integers only).
+BUILTIN_OPTIONAL: dict[str, tuple[float, float, bool]] = {
+    "hybrid_weight": (0.0, 1.0, False), "demos": (0, 16, True), "max_tokens": (1, 8192, True),
+    "temperature": (0.0, 2.0, False), "repeat_penalty": (1.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False), "presence_penalty": (-2.0, 2.0, False),
+}
 
 
 class SutSpec(Strict):
@@ -110,10 +139,27 @@ class ProbeSpec(Strict):
     max_attempts_factor: int = Field(4, ge=1, le=20)
 
 
+class BudgetSpec(Strict):
+    calls: int | None = Field(1500, ge=1, description="LM calls a tune may make (every role, cached calls "
+                                                      "included); reaching it ends the tune after that candidate")
+
+
 class OptimizerSpec(Strict):
-    rounds: int = Field(3, ge=0, le=200)
+    rounds: int = Field(12, ge=0, le=500, description="at most this many candidates (the budget may stop sooner)")
     worst_k: int = Field(4, ge=1, le=50)
     sampler: Literal["tpe", "random"] = "tpe"
+    budget: BudgetSpec = BudgetSpec()
+    train_items: int | None = Field(16, ge=2, description="train probes answered per incumbent: the minibatch "
+                                                           "whose failures the rewriter sees and demos come from")
+    slices: list[int] = Field([10, 20], description="validation items after which a clearly losing candidate "
+                                                    "is pruned")
+    carry: float = Field(0.4, gt=0.0, le=1.0, description="share of the retrieval settings (best cheap score "
+                                                           "first) carried from stage 1 to stage 2")
+    parent: Literal["auto", "best", "pareto"] = Field(
+        "auto", description="which pool text a rewrite mutates: best validation mean, or a draw from the Pareto "
+                            "front over items (GEPA's way); auto: pareto with a hosted optimizer model, else best")
+    gepa_calls: int = Field(40, ge=1, le=100000, description="hosted optimizer model: train items a rewrite's GEPA run "
+                                                             "may evaluate (max_metric_calls, pool re-uses included)")
 
 
 class GateSpec(Strict):
@@ -162,6 +208,8 @@ class JudgeSpec(Strict):
     flag_cap: float | None = Field(0.0, ge=0.0, le=1.0, description="cap on an answer flagged as gaming the judge")
     retest_sample: int = Field(10, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
     swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
+    monitor_sample: int = Field(8, ge=0, le=1000, description="below the trust bar, items per evaluation the judge "
+                                                             "model still scores (to keep measuring it)")
     trust: TrustSpec = TrustSpec()
 
     @field_validator("models", mode="before")
@@ -173,6 +221,7 @@ class JudgeSpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in the workdir")
     experiment: str = "selftune"
+    traces: bool = Field(True, description="log every judged item as an MLflow trace with its scores as assessments")
 
 
 class Config(Strict):
@@ -235,33 +284,122 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
     if cfg.probes.file is not None and not cfg.probes.file.is_file():
         raise InputError(path, "probes.file", f"expected an existing JSONL file, got {cfg.probes.file}")
     params = cfg.sut.params
+    for name, spec in params.items():
+        problem = param_problem(spec, spec.initial)
+        if problem:
+            raise InputError(path, f"sut.params.{name}.initial", problem)
+    clash = cross_field_problem(initial_params(cfg))
+    if clash:
+        raise InputError(path, f"sut.params.{clash[0]}.initial", clash[1])
     if cfg.sut.system == "builtin":
         for name in ("chunk_size", "chunk_overlap", "top_k"):
             spec = params[name]
-            values = [spec.low, spec.high] if isinstance(spec, IntParam) else spec.choices
-            if isinstance(spec, TextParam) or not all(isinstance(v, int) and v >= 0 for v in values):
+            values = [spec.low, spec.high] if isinstance(spec, IntParam | FloatParam) else getattr(spec, "choices", [])
+            if isinstance(spec, TextParam | FloatParam) or not all(isinstance(v, int) and v >= 0 for v in values):
                 raise InputError(path, f"sut.params.{name}", "expected type int or choice of integers >= 0")
         if min(_values(params["chunk_size"])) <= max(_values(params["chunk_overlap"])):
             raise InputError(path, "sut.params.chunk_overlap",
                              "every chunk_overlap must be smaller than every chunk_size")
         if min(_values(params["top_k"])) < 1:
             raise InputError(path, "sut.params.top_k", "expected top_k >= 1")
+        for name, (lo, hi, whole) in BUILTIN_OPTIONAL.items():
+            if name in params:
+                _check_optional(path, name, params[name], lo, hi, whole)
+        if "repeat_penalty" in params and cfg.models.sut.model != "local":
+            raise InputError(path, "sut.params.repeat_penalty",
+                             "repeat_penalty is the local (llama.cpp) model's; "
+                             "for a hosted sut use frequency_penalty or presence_penalty")
+    if cfg.embedder != "default" and cfg.embedder.startswith(("/", "./", "../", "~")):
+        where = Path(cfg.embedder).expanduser()
+        where = where if where.is_absolute() else (base / where).resolve()
+        if not where.is_dir():
+            raise InputError(path, "embedder", f"expected 'default' or an existing sentence-transformers folder, "
+                                               f"got {cfg.embedder}")
+        cfg = cfg.model_copy(update={"embedder": str(where)})
     specs = [(f"models.{role}.model", getattr(cfg.models, role)) for role in ROLES]
     specs += [(f"judge.models.{i}.model", spec) for i, spec in enumerate(cfg.judge.models or [])]
     for key, spec in specs:
         if spec.model != "local" and "/" not in spec.model:
-            raise InputError(path, key, f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
+            raise InputError(path, key,
+                             f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
     if cfg.judge.models and "judge" in cfg.models.model_fields_set:
         raise InputError(path, "judge.models", "name the judge once: either models.judge or a judge.models "
                                                "panel, not both (the panel's first model is the primary judge)")
     return cfg
 
 
-def _values(spec: IntParam | ChoiceParam | TextParam) -> list[int]:
-    if isinstance(spec, IntParam):
-        return [spec.low, spec.high]
+def _values(spec: IntParam | FloatParam | ChoiceParam | TextParam) -> list[int]:
+    if isinstance(spec, IntParam | FloatParam):
+        return [int(spec.low), int(spec.high)]
     return [int(v) for v in spec.choices]  # type: ignore[union-attr]
 
 
-def initial_params(cfg: Config) -> dict[str, int | float | str]:
+def _check_optional(path: Path, name: str, spec: IntParam | FloatParam | ChoiceParam | TextParam,
+                    lo: float, hi: float, whole: bool) -> None:
+    kinds = "int or choice of integers" if whole else "int, float or choice of numbers"
+    values = [spec.low, spec.high] if isinstance(spec, IntParam | FloatParam) else getattr(spec, "choices", [])
+    numeric = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if isinstance(spec, TextParam) or (whole and isinstance(spec, FloatParam)) or len(numeric) != len(values) \
+            or (whole and not all(float(v).is_integer() for v in numeric)):
+        raise InputError(path, f"sut.params.{name}", f"expected type {kinds}")
+    if not all(lo <= v <= hi for v in numeric):
+        raise InputError(path, f"sut.params.{name}", f"expected values in [{lo:g}, {hi:g}], got {values}")
+
+
+def initial_params(cfg: Config) -> Params:
     return {name: spec.initial for name, spec in cfg.sut.params.items()}
+
+
+def param_problem(spec: IntParam | FloatParam | ChoiceParam | TextParam, value: object) -> str | None:
+    """What a value of this param must be, if ``value`` is not that; None if it is."""
+    if isinstance(spec, FloatParam):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        return None if ok else f"expected a number in [{spec.low:g}, {spec.high:g}], got {value!r}"
+    if isinstance(spec, IntParam):
+        ok = isinstance(value, int) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        return None if ok else f"expected an integer in [{spec.low}, {spec.high}], got {value!r}"
+    if isinstance(spec, ChoiceParam):
+        # type-exact: YAML's `true` is not the choice 1, nor "1" the choice 1
+        ok = any(type(value) is type(c) and value == c for c in spec.choices)
+        return None if ok else f"expected one of {spec.choices}, got {value!r}"
+    if not isinstance(value, str) or not value.strip():
+        return f"expected non-empty text, got {value!r:.80}"
+    if len(value) > spec.max_chars:
+        return f"expected text of at most {spec.max_chars} characters (max_chars), got {len(value)}"
+    return None
+
+
+def cross_field_problem(values: Params) -> tuple[str, str] | None:
+    """(param name, what was expected) when params that must agree do not: overlap < chunk size."""
+    size, overlap = values.get("chunk_size"), values.get("chunk_overlap")
+    if isinstance(size, int) and isinstance(overlap, int) and not 0 <= overlap < size:
+        return "chunk_overlap", f"expected 0 <= chunk_overlap < chunk_size, got {overlap} and chunk_size {size}"
+    return None
+
+
+def load_params(path: str | Path, cfg: Config) -> Params:
+    """The params a params YAML (``{params: {name: value}}``, as ``selftune tune`` writes to
+    ``<workdir>/best/<name>.yaml``) sets, over the config's initial params (a file may set only some).
+    Every value is checked against ``cfg.sut.params``: known name, type, int range, choice, text
+    length, and cross-field rules (chunk_overlap < chunk_size). Anything else is an InputError naming
+    the file and ``params.<name>``; nothing is loaded or built, so it can run before any model."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+        raise InputError(path, "params", "expected a mapping `params: {name: value}`")
+    extra = sorted(str(k) for k in data if k != "params")
+    if extra:
+        raise InputError(path, extra[0], "unknown key; expected only `params`")
+    specs = cfg.sut.params
+    chosen: Params = initial_params(cfg)
+    for name, value in data["params"].items():
+        if name not in specs:
+            raise InputError(path, f"params.{name}", f"unknown param; expected one of {sorted(specs)}")
+        problem = param_problem(specs[name], value)
+        if problem:
+            raise InputError(path, f"params.{name}", problem)
+        chosen[name] = value
+    clash = cross_field_problem(chosen)
+    if clash:
+        raise InputError(path, f"params.{clash[0]}", clash[1])
+    return chosen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,15 +18,39 @@ class InputError(Exception):
     def __init__(self, file: str | Path, key: str, expected: str):
         self.file, self.key, self.expected = str(file), key, expected
         where = f"{self.file}: {key}" if key else self.file
-        super().__init__(f"{where}: {expected}")
+        # One line, always: a YAML parser's or OS's message may carry newlines of its own.
+        super().__init__(re.sub(r"\s*\n\s*", " ", f"{where}: {expected}"))
+
+
+def read_text(path: Path, kind: str) -> str:
+    """The file's text, decoded as UTF-8 (a leading byte-order mark is dropped). A missing file, a
+    directory, an unreadable file or bytes that are not UTF-8 are an InputError naming the file and,
+    for undecodable bytes, the line; ``kind`` (e.g. "a YAML file") says what was expected."""
+    if path.is_dir():
+        raise InputError(path, "", f"is a directory, expected {kind}")
+    if not path.is_file():
+        raise InputError(path, "", f"not a regular file, expected {kind}" if path.exists() else "file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(path, "", f"cannot be read ({err.strerror or err}), expected {kind}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise InputError(path, f"line {line}", f"expected UTF-8 text, found byte 0x{data[err.start]:02x} "
+                                               f"(save the file as UTF-8)") from None
+    # As text mode would: \r\n and \r become \n, so line numbers match what an editor shows.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed value) per non-blank line; bad JSON is an InputError naming the line."""
+    """(line number, parsed value) per non-blank line; a missing, undecodable or bad-JSON file is an
+    InputError naming the line."""
     import json
 
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "a JSONL file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -36,11 +61,14 @@ def read_jsonl(path: Path) -> list[tuple[int, Any]]:
 
 
 def read_yaml(path: Path) -> Any:
-    """Safe-load a YAML file; a missing or unparsable file is an InputError."""
-    if not path.is_file():
-        raise InputError(path, "", "file not found")
+    """Safe-load a YAML file; a missing, undecodable or unparsable file is an InputError."""
+    text = read_text(path, "a YAML file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as err:  # a control character: YAML admits printable text only
+        line = text[:err.position].count("\n") + 1
+        found = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        raise InputError(path, f"line {line}", f"expected printable text, found character {found}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

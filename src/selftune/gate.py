@@ -53,3 +53,32 @@ def decide(candidate: Evaluation, incumbent: Evaluation, objective: Objective, s
     if drops:
         return GateDecision(promote=False, reason=f"{prefix}criteria regress: {', '.join(drops)}", **common)
     return GateDecision(promote=True, reason=f"{prefix}gain {mean:+.3f}, {ci} above {spec.min_gain}", **common)
+
+
+def paired_diffs(candidate: Evaluation, incumbent: Evaluation, objective: Objective) -> list[float]:
+    """Per-probe gains of ``candidate`` over ``incumbent`` on ``objective``, over the probes both scored."""
+    inc = {j.answer.probe.id: j for j in incumbent.judgments}
+    return [d for j in candidate.judgments if j.answer.probe.id in inc
+            and (d := objective.diff(j, inc[j.answer.probe.id])) is not None]
+
+
+def gain(candidate: Evaluation, incumbent: Evaluation, objective: Objective, spec: GateSpec,
+         seed: int) -> dict[str, float] | None:
+    """The paired gain of ``candidate`` over ``incumbent`` with its bootstrap interval at the gate's
+    confidence: ``{"gain", "low", "high", "n"}``; None with fewer than two paired items."""
+    diffs = paired_diffs(candidate, incumbent, objective)
+    if len(diffs) < 2:
+        return None
+    mean, low, high = paired_bootstrap(diffs, spec.confidence, spec.resamples, seed)
+    return {"gain": mean, "low": low, "high": high, "n": float(len(diffs))}
+
+
+def min_detectable_effect(sd: float, n: int, confidence: float, power: float = 0.8) -> float | None:
+    """The smallest true mean gain the gate would promote with probability ``power``: its interval's
+    low end (two-sided ``confidence``) clears 0 when the gain exceeds (z_{(1+c)/2} + z_power) * sd / sqrt(n)
+    (normal approximation of the paired mean; ``sd`` of the per-probe paired differences)."""
+    if n < 2:
+        return None
+    from scipy.stats import norm
+
+    return float((norm.ppf((1 + confidence) / 2) + norm.ppf(power)) * sd / n ** 0.5)

@@ -1,7 +1,10 @@
-"""chromadb + sentence-transformers: one persistent collection per (corpus hash, chunking, embedder).
+"""chromadb + sentence-transformers: one persistent collection per (corpus hash, chunking, embedder),
+and a BM25 index per (corpus hash, chunking, tokenizer) beside it (``retrieval.BM25Store``).
 
 A collection is marked ``complete`` only after every chunk is in, so an interrupted build is
-rebuilt and a finished one is reused without embedding anything again.
+rebuilt and a finished one is reused without embedding anything again. Query embeddings and
+per-question rankings are cached on the ``Index`` (per process), so screening many retrieval
+settings embeds each question once and queries each chunking once per question.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from .corpus import Corpus, chunk_corpus
 from .records import Chunk
+from .retrieval import DEPTH, BM25Store, Ranking
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +59,10 @@ class Embedder:
 
 
 class Index:
-    """Retrieval over one corpus; collections are built per chunking on first use."""
+    """Retrieval over one corpus; collections are built per chunking on first use. The BM25 indexes
+    live in ``bm25_path`` (default: ``bm25`` beside ``path``)."""
 
-    def __init__(self, corpus: Corpus, embedder: Embedder, path: Path):
+    def __init__(self, corpus: Corpus, embedder: Embedder, path: Path, bm25_path: Path | None = None):
         import chromadb
         from chromadb.config import Settings
 
@@ -66,6 +71,22 @@ class Index:
         self.client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
         self._collections: dict[tuple[int, int], Any] = {}
         self.built: list[str] = []  # names of collections this process had to embed
+        self.bm25 = BM25Store(bm25_path or path.parent / "bm25")
+        self._chunks: dict[tuple[int, int], list[Chunk]] = {}
+        self._vectors: dict[str, list[float]] = {}
+        self._rankings: dict[tuple[str, int, int], Ranking] = {}
+
+    def chunks(self, size: int, overlap: int) -> list[Chunk]:
+        if (size, overlap) not in self._chunks:
+            self._chunks[(size, overlap)] = chunk_corpus(self.corpus, size, overlap)
+        return self._chunks[(size, overlap)]
+
+    def query_vectors(self, texts: list[str]) -> list[list[float]]:
+        """Embeddings of ``texts``; each distinct text is embedded once per Index (one batch for the new ones)."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if new:
+            self._vectors.update(zip(new, self.embedder.encode(new), strict=True))
+        return [self._vectors[t] for t in texts]
 
     def collection_name(self, size: int, overlap: int) -> str:
         key = f"{self.corpus.digest}|{size}|{overlap}|{self.embedder.id}"
@@ -75,7 +96,7 @@ class Index:
         if (size, overlap) in self._collections:
             return self._collections[(size, overlap)]
         name = self.collection_name(size, overlap)
-        chunks = chunk_corpus(self.corpus, size, overlap)
+        chunks = self.chunks(size, overlap)
         col = self.client.get_or_create_collection(name, configuration=COSINE)
         meta = col.metadata or {}
         if not (meta.get("complete") and col.count() == len(chunks)):
@@ -94,11 +115,41 @@ class Index:
         self._collections[(size, overlap)] = col
         return col
 
-    def search(self, query: str, k: int, size: int, overlap: int) -> list[Chunk]:
-        col = self.collection(size, overlap)
-        res = col.query(query_embeddings=self.embedder.encode([query]), n_results=k,
-                        include=["documents", "metadatas"])
-        out = []
-        for cid, text, meta in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], strict=True):
-            out.append(Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text))
-        return out
+    def search(self, query: str, k: int, size: int, overlap: int, weight: float = 0.0) -> list[Chunk]:
+        """The ``k`` best chunks: dense only at ``weight`` 0 (one chromadb query at ``k``), else the
+        dense and BM25 rankings fused (``retrieval.fuse``; 1 = BM25 only)."""
+        if weight == 0.0:
+            col = self.collection(size, overlap)
+            res = col.query(query_embeddings=self.query_vectors([query]), n_results=k,  # type: ignore[arg-type]
+                            include=["documents", "metadatas", "distances"])
+            return _chunks(res, 0)
+        return self.rankings([query], size, overlap, depth=max(k, DEPTH))[0].top(k, weight)
+
+    def rankings(self, questions: list[str], size: int, overlap: int, depth: int = DEPTH) -> list[Ranking]:
+        """Each question's dense and BM25 candidates under one chunking, cut at ``depth``; cached per
+        (question, chunking), and the uncached questions are embedded and queried in one batch."""
+        todo = list(dict.fromkeys(q for q in questions if (r := self._rankings.get((q, size, overlap))) is None
+                                  or r.depth < depth))
+        if todo:
+            col = self.collection(size, overlap)
+            chunks = self.chunks(size, overlap)
+            model = self.bm25.get(self.bm25.name(self.corpus.digest, size, overlap), chunks)
+            n = min(depth, len(chunks))
+            res = col.query(query_embeddings=self.query_vectors(todo), n_results=n,  # type: ignore[arg-type]
+                            include=["documents", "metadatas"])
+            for i, q in enumerate(todo):
+                dense = _chunks(res, i)
+                lexical = [chunks[j] for j in self.bm25.ranked(model, q, n)]
+                self._rankings[(q, size, overlap)] = Ranking(
+                    dense=tuple(c.id for c in dense), lexical=tuple(c.id for c in lexical),
+                    chunks={c.id: c for c in [*dense, *lexical]}, depth=depth)
+        return [self._rankings[(q, size, overlap)] for q in questions]
+
+
+def _chunks(res: Any, i: int) -> list[Chunk]:
+    """The ``i``-th query's hits of a chromadb result, as chunks (``score``: cosine similarity, when the
+    query asked for distances)."""
+    dists = (res.get("distances") or [None] * (i + 1))[i] or [None] * len(res["ids"][i])
+    return [Chunk(id=cid, doc=str(meta["doc"]), start=int(meta["start"]), end=int(meta["end"]), text=text,
+                  score=None if d is None else 1.0 - float(d))
+            for cid, text, meta, d in zip(res["ids"][i], res["documents"][i], res["metadatas"][i], dists, strict=True)]

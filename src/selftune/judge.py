@@ -19,8 +19,13 @@ from .checks import run_check
 from .lm import Role
 from .objective import cap, weighted
 from .panel import Panel
+from .ragas_metrics import LLM_METRICS
 from .records import Answer, Judgment, Score
 from .rubric import LLMCriterion, RagasCriterion, Rubric
+
+
+UNSCORED = Score(status="n/a", rationale="not scored: the judge is below the trust bar, so only a monitoring "
+                                       "sample of items is judged by the model")
 
 
 class Judge:
@@ -53,22 +58,26 @@ class Judge:
         assert self.ragas is not None
         return self.ragas.score(c.metric, dict(c.options), answer)
 
-    def judge(self, answer: Answer) -> Judgment:
+    def judge(self, answer: Answer, llm: bool = True) -> Judgment:
+        """Every criterion on one answer. ``llm=False`` leaves the model-scored criteria unscored
+        (``n/a``, said in the rationale): below the trust bar they cannot count, so only a monitoring
+        sample of items pays for them."""
         if answer.error is not None:
             scores = {c.name: Score(status="invalid", rationale=f"no answer: {answer.error}")
                       for c in self.rubric.criteria}
             return Judgment(answer=answer, scores=scores, overall=None)
         flags = attack_flags(answer.text, answer.probe.question)
         by_name: dict[str, Score] = {}
-        for group in self.rubric.llm_groups():
+        for group in self.rubric.llm_groups() if llm else []:
             assert self.panel is not None
             by_name.update(self.panel.score_group(group, answer, flags))
         scores: dict[str, Score] = {}
         for c in self.rubric.criteria:
             if isinstance(c, LLMCriterion):
-                scores[c.name] = by_name[c.name]
+                scores[c.name] = by_name[c.name] if llm else UNSCORED
             elif isinstance(c, RagasCriterion):
-                scores[c.name] = self.score_ragas(c, answer)
+                scores[c.name] = (self.score_ragas(c, answer) if llm or c.metric not in LLM_METRICS
+                                  else UNSCORED)
             else:
                 scores[c.name] = run_check(c.check, answer)
         rule_scores = [(r, run_check(r.check, answer)) for r in self.rubric.must_not]

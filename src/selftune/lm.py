@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Config as LMConfig
 from dspy.lm15 import Message, Request, Response, TextPart, Usage
+from dspy.utils.callback import BaseCallback
 
 from .config import ROLES, Config, ModelSpec
 from .errors import InputError
@@ -29,6 +30,9 @@ from .hosted import ServedEngine, format_refused, json_config, json_modes
 LOCAL_MODEL_ID = "local/smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_CTX = 4096
+# Stands in for a message's content while the chat template is rendered (NUL never occurs in a template).
+_SLOT = "\x00selftune-message-{}\x00"
+_SLOT_RE = re.compile("\x00selftune-message-(\\d+)\x00")
 
 
 def local_gguf_path() -> Path:
@@ -51,7 +55,11 @@ class LlamaCppEngine:
     - ``logprobs=n`` with ``max_tokens=1``: the next-token distribution (top ``n``) from one forward
       pass, which is how the judge reads scale-token probabilities (G-Eval) without sampling.
 
-    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache)."""
+    The prompt prefix shared with the previous call is not recomputed (llama.cpp's KV cache). Only the
+    chat template's own text becomes control tokens; the content of every message is plain text.
+    Sampling: ``temperature``, ``frequency_penalty`` and ``presence_penalty`` from the request config,
+    ``repeat_penalty`` from ``config.extensions`` (llama.cpp's own knob, which DSPy's LM kwargs cannot
+    carry: see ``with_extensions``); unset ones keep llama.cpp's defaults (0, 0, 1.0: no penalty)."""
 
     def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
         from llama_cpp import Llama
@@ -76,37 +84,57 @@ class LlamaCppEngine:
         out.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         return out
 
-    def _prompt(self, messages: list[dict[str, str]], max_tokens: int) -> str:
-        """Chat template applied; a trailing assistant message is left open (prefill). The longest
-        message is trimmed when prompt + output would not fit the context (small window)."""
+    def _prompt(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+        """The prompt's tokens: chat template applied, a trailing assistant message left open
+        (prefill). The longest message is trimmed when prompt + output would not fit the context
+        (small window)."""
         budget = N_CTX - max_tokens - 16
         while True:
-            prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
-            head = messages[:-1] if prefill is not None else messages
-            prompt = self.formatter(messages=head).prompt + (prefill or "")
-            n = len(self.llama.tokenize(prompt.encode(), add_bos=False, special=True))
+            tokens = self._encode(messages)
+            n = len(tokens)
             if n <= budget:
-                return prompt
+                return tokens
             i = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
             text = messages[i]["content"]
             cut = max(len(text) - int((n - budget) * 4) - 16, len(text) // 2)
             messages = [*messages[:i], {**messages[i], "content": text[:cut]}, *messages[i + 1:]]
 
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Only the template's own text may become control tokens. Each message's content (documents,
+        questions, answers, the judge's own prefill) is tokenized as plain text, so an ``<|im_end|>``
+        inside it is the characters ``<|im_end|>``, not the end of a turn. The template is rendered
+        with a placeholder per message, and the pieces between placeholders are its own text."""
+        prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        head = messages[:-1] if prefill is not None else messages
+        rendered = self.formatter(messages=[{**m, "content": _SLOT.format(i)} for i, m in enumerate(head)]).prompt
+        parts = _SLOT_RE.split(rendered)
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(head))):
+            raise RuntimeError("the chat template did not place every message's content exactly once")
+
+        def encode(text: str, special: bool) -> list[int]:
+            return self.llama.tokenize(text.encode(), add_bos=False, special=special) if text else []
+
+        tokens = [t for k, part in enumerate(parts)
+                  for t in (encode(part, True) if k % 2 == 0 else encode(head[int(part)]["content"], False))]
+        return tokens + encode(prefill or "", False)
+
     def complete(self, request: Any) -> Response:
         cfg = request.config
         max_tokens = cfg.max_tokens or 128
         with self._lock:
-            prompt = self._prompt(self._messages(request), max_tokens)
+            tokens = self._prompt(self._messages(request), max_tokens)
             if cfg.logprobs is not None and max_tokens == 1:
-                return self._next_token(prompt, max(cfg.logprobs, 1))
+                return self._next_token(tokens, max(cfg.logprobs, 1))
             kwargs: dict[str, Any] = {
                 "max_tokens": max_tokens, "temperature": cfg.temperature if cfg.temperature is not None else 0.0,
                 "stop": [*cfg.stop, self.eos_text], "seed": cfg.seed if cfg.seed is not None else self.seed,
+                "frequency_penalty": cfg.frequency_penalty or 0.0, "presence_penalty": cfg.presence_penalty or 0.0,
+                "repeat_penalty": float((cfg.extensions or {}).get("repeat_penalty", 1.0)),
             }
             schema = _schema_of(cfg.response_format)
             if schema is not None:
                 kwargs["grammar"] = self._grammar(schema)
-            out = self.llama.create_completion(prompt=prompt, **kwargs)
+            out = self.llama.create_completion(prompt=tokens, **kwargs)
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Response(
@@ -126,13 +154,12 @@ class LlamaCppEngine:
             self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
         return self._grammars[key]
 
-    def _next_token(self, prompt: str, top: int) -> Response:
+    def _next_token(self, tokens: list[int], top: int) -> Response:
         import llama_cpp
         import numpy as np
         from dspy.lm15 import TokenLogprob, TopLogprob
 
         llm = self.llama
-        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         # Reuse the KV cache for the prefix shared with the previous call; evaluate at least one token.
         shared = 0
         for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1]):
@@ -160,6 +187,37 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self.llama.close()
+
+
+class WithExtensions:
+    """An engine view that adds lm15 ``Config.extensions`` to every request it forwards; it does not
+    own (or close) the engine. DSPy turns LM kwargs into a canonical lm15 Request and refuses keys
+    with no OpenAI-wire spelling (``repeat_penalty``), so such options travel with the engine."""
+
+    def __init__(self, engine: Any, extensions: dict[str, Any]):
+        self.engine, self.extensions = engine, dict(extensions)
+
+    def complete(self, request: Any) -> Response:
+        from dataclasses import replace
+
+        cfg = request.config
+        return self.engine.complete(replace(request, config=replace(
+            cfg, extensions={**(cfg.extensions or {}), **self.extensions})))
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+def with_extensions(lm: dspy.LM, **extensions: Any) -> dspy.LM:
+    """A copy of ``lm`` (over a custom engine) whose requests carry ``extensions``. Its model id names
+    them, because DSPy's cache key is model + messages + kwargs, never the engine."""
+    tag = ",".join(f"{k}={v}" for k, v in sorted(extensions.items()))
+    return lm.copy(engine=WithExtensions(lm.engine, extensions), model=f"{lm.model}+{tag}")
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -295,6 +353,36 @@ def check_credentials(cfg: Config) -> None:
                              f"environment variable {spec.api_key_env} is not set (needed for {spec.model})")
 
 
+class CallLedger(BaseCallback):
+    """Counts LM calls by stage and by role, for the budget and the report. Every call counts, from
+    the response cache or not, so a rerun spends (and stops) exactly as the first run did."""
+
+    def __init__(self) -> None:
+        self.stage = "setup"
+        self.by_stage: dict[str, int] = {}
+        self.by_role: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+
+    def watch(self, lm: Any, role: str) -> None:
+        self._names[id(lm)] = role
+
+    def attach(self, role: Role) -> None:
+        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test)."""
+        callbacks = role.lm.callbacks
+        if not any(c is self for c in callbacks):
+            callbacks.append(self)
+        self.watch(role.lm, role.name)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_stage.values())
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1
+        role = self._names.get(id(instance), getattr(instance, "model", "?"))
+        self.by_role[role] = self.by_role.get(role, 0) + 1
+
+
 class Engines:
     """One llama.cpp context per local role name (the weights are memory-mapped, so a context costs
     only its KV cache, ~100 MB): the judge's and the SUT's fixed prompt prefixes then stay cached
@@ -317,11 +405,11 @@ class Engines:
         self._engines.clear()
 
 
-def panel_roles(specs: list[ModelSpec], engines: Engines) -> list[Role]:
+def panel_roles(specs: list[ModelSpec], engines: Engines, ledger: CallLedger | None = None) -> list[Role]:
     """The judge panel's roles, named ``judge``, ``judge2``, ...; each local member gets its own
     context. The first is the primary judge (ragas LLM metrics)."""
     names = ["judge" if i == 0 else f"judge{i + 1}" for i in range(len(specs))]
-    return [build_role(n, spec, (lambda n=n: engines.get(n)) if spec.model == "local" else None)
+    return [build_role(n, spec, (lambda n=n: engines.get(n)) if spec.model == "local" else None, ledger)
             for n, spec in zip(names, specs)]
 
 
@@ -331,6 +419,7 @@ class Models:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.engines = Engines(cfg.seed)
+        self.ledger = CallLedger()
         self._roles: dict[str, Role] = {}
         self._panel: list[Role] | None = None
 
@@ -340,7 +429,8 @@ class Models:
     def role(self, name: str) -> Role:
         if name not in self._roles:
             spec: ModelSpec = getattr(self.cfg.models, name)
-            self._roles[name] = build_role(name, spec, (lambda: self.engines.get(name)) if spec.model == "local" else None)
+            engine = (lambda: self.engines.get(name)) if spec.model == "local" else None
+            self._roles[name] = build_role(name, spec, engine, self.ledger)
         return self._roles[name]
 
     def judges(self) -> list[Role]:
@@ -348,26 +438,32 @@ class Models:
         if not self.cfg.judge.models:
             return [self.role("judge")]
         if self._panel is None:
-            self._panel = panel_roles(list(self.cfg.judge.models), self.engines)
+            self._panel = panel_roles(list(self.cfg.judge.models), self.engines, self.ledger)
         return self._panel
 
 
-def build_role(name: str, spec: ModelSpec, engine: Any = None) -> Role:
+def build_role(name: str, spec: ModelSpec, engine: Any = None, ledger: CallLedger | None = None) -> Role:
+    callbacks = [ledger] if ledger is not None else []
     if spec.model == "local":
         lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
-                     max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0)
-        return Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=True)
-    if spec.model.startswith("openai/") and spec.api_base:
+                     max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0, callbacks=callbacks)
+        role = Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=True)
+    elif spec.model.startswith("openai/") and spec.api_base:
         served = ServedEngine(spec.api_base, os.environ[spec.api_key_env] if spec.api_key_env else None)
         lm = dspy.LM(spec.model, engine=served, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                     cache=spec.cache)
+                     cache=spec.cache, callbacks=callbacks)
         # a served model is often a small one: DSPy's field markers and JSON fallback fail it where a
         # plain prompt does not (measured on the served SmolLM2: every answer of a round lost)
-        return Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=False)
-    kwargs: dict[str, Any] = {}
-    if spec.api_base:
-        kwargs["api_base"] = spec.api_base
-    if spec.api_key_env:
-        kwargs["api_key"] = os.environ[spec.api_key_env]
-    lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache, **kwargs)
-    return Role(name, lm, LeanAdapter() if spec.adapter == "plain" else dspy.ChatAdapter(), local=False)
+        role = Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=False)
+    else:
+        kwargs: dict[str, Any] = {}
+        if spec.api_base:
+            kwargs["api_base"] = spec.api_base
+        if spec.api_key_env:
+            kwargs["api_key"] = os.environ[spec.api_key_env]
+        lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache,
+                     callbacks=callbacks, **kwargs)
+        role = Role(name, lm, LeanAdapter() if spec.adapter == "plain" else dspy.ChatAdapter(), local=False)
+    if ledger is not None:
+        ledger.watch(lm, name)
+    return role

@@ -232,7 +232,8 @@ class Panel:
                 part = (obj or {}).get(c.name)
                 raw, rationale = parse_score(json.dumps(part), c.scale.min, c.scale.max) if isinstance(part, dict) \
                     else (None, "")
-                out.append((raw, rationale if raw is not None else f"no {c.name} score in judge output: {text[:200]!r}"))
+                missing = f"no {c.name} score in judge output: {text[:200]!r}"
+                out.append((raw, rationale if raw is not None else missing))
             return out
         except Exception as err:
             return [(None, f"judge call failed: {type(err).__name__}: {err}"[:300])] * len(cs)

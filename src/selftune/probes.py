@@ -27,7 +27,8 @@ SYNTH_VERSION = 4  # part of the probe cache key: bump when synthesis changes
 _SENT = re.compile(r"(?:[^.!?\n]|\n(?![ \t]*\n))+[.!?]")
 
 
-QUESTION_SYSTEM = "You write quiz questions. Given a sentence, write one question that the sentence answers. Reply with JSON."
+QUESTION_SYSTEM = ("You write quiz questions. Given a sentence, write one question that the sentence answers. "
+                   "Reply with JSON.")
 # Shape, not content: the schema keeps a 135M model's output a single well-formed question.
 QUESTION_SCHEMA = {"type": "object", "required": ["question"], "properties": {"question": {
     "type": "string", "pattern": "^(What|Which|How|When|Why|Where|Who|Does|Is|Can) [^?\\n]{10,120}[?]$"}}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .attacks import neutralize
 from .records import Answer
 from .rubric import LLMCriterion
 
@@ -18,8 +19,9 @@ PAIR_CONTEXT_CHARS = 200
 
 
 def _fence(token: str, label: str, text: str) -> str:
-    # Any occurrence of the fence token inside the data is neutralized so data cannot close a fence.
-    return f"{label}:\n<<{token}>>\n{text.replace(token, '[removed]')}\n<</{token}>>"
+    # Any occurrence of the fence token inside the data is neutralized so data cannot close a fence,
+    # and chat-template tokens so it cannot open a turn (in any model's tokenizer, local or hosted).
+    return f"{label}:\n<<{token}>>\n{neutralize(text).replace(token, '[removed]')}\n<</{token}>>"
 
 
 def criterion_prompt(c: LLMCriterion | list[LLMCriterion], answer: Answer, token: str) -> list[dict[str, str]]:

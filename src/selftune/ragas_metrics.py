@@ -82,7 +82,8 @@ class RagasScorer:
             def generate(self, prompt: str, response_model: Any) -> Any:
                 from .lm import ask_json
 
-                schema = bounded(response_model.model_json_schema()) if role.local else response_model.model_json_schema()
+                schema = response_model.model_json_schema()
+                schema = bounded(schema) if role.local else schema
                 with lock:
                     obj, text = ask_json(role, "Reply with one JSON object.", [("user", prompt)], schema,
                                          max_tokens=max_tokens)

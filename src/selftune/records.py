@@ -21,13 +21,15 @@ class Frozen(BaseModel):
 
 
 class Chunk(Frozen):
-    """A span ``[start, end)`` of one document's text."""
+    """A span ``[start, end)`` of one document's text; ``score`` is the retrieval similarity when the
+    chunk was retrieved (1 - cosine distance), else None."""
 
     id: str
     doc: str
     start: int
     end: int
     text: str
+    score: float | None = None
 
     def overlaps(self, doc: str, start: int, end: int) -> bool:
         return self.doc == doc and self.start < end and start < self.end
@@ -145,6 +147,7 @@ class Round(Frozen):
     notes: tuple[str, ...] = ()  # how the candidate was made (e.g. rewrite rejected, fallback used)
     judge_stats: dict[str, float] = Field(default_factory=dict)  # reliability figures so far (trust.Monitor)
     trusted: bool = True  # did the judge clear the trust bar when this round was decided (Verdict.trusted)
+    pruned: bool = False  # stopped early on validation (clearly losing): never compared or promoted
 
 
 State = Literal["trusted", "untrusted", "unproven"]

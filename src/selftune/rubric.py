@@ -57,19 +57,35 @@ class RetrievalHit(Strict):
 
 
 class ReferenceMatch(Strict):
+    """Agreement with the probe's reference answer: ``consistent`` (content-word F1, 0 when the answer
+    contradicts the reference: ``reference.py``), ``no_contradiction`` (1 unless it contradicts the
+    reference: a ``must_not`` rule), ``f1`` (SQuAD token F1) or ``contains``."""
+
     type: Literal["reference_match"]
-    method: Literal["f1", "contains"] = "f1"
+    method: Literal["consistent", "no_contradiction", "f1", "contains"] = "consistent"
 
 
 class CitesContext(Strict):
-    """The answer shares a run of ``min_words`` consecutive words with a retrieved chunk."""
+    """The answer quotes a run of ``min_words`` consecutive words of a retrieved chunk that is relevant
+    (overlaps the probe's source span or shares the reference's words), and copies no more than it
+    needs (``quotes.py``)."""
 
     type: Literal["cites_context"]
     min_words: int = Field(4, ge=2, le=30)
 
 
+class OwnWords(Strict):
+    """The share of the answer that is not context pasted beyond what it needs: runs of ``min_words``
+    words of a retrieved chunk off the source span, or more of it than the reference is long
+    (``quotes.py``). 1 for an answer that pastes nothing."""
+
+    type: Literal["own_words"]
+    min_words: int = Field(4, ge=2, le=30)
+
+
 DEFAULT_ABSTAIN = (r"(?i)\b(i (do not|don't|cannot|can't) (know|tell|say|find|answer)|"
-                   r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?(say|mention|contain|cover|answer)|"
+                   r"(the )?(context|documents?|sources?) (do|does|did)n?'?t? ?(not )?"
+                   r"(say|mention|contain|cover|answer)|"
                    r"not (mentioned|covered|answered|stated) in the (context|documents?)|no information)")
 
 
@@ -91,7 +107,7 @@ class Abstains(Strict):
         return self
 
 
-CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext | Abstains,
+CheckSpec = Annotated[WordBounds | Regex | RetrievalHit | ReferenceMatch | CitesContext | OwnWords | Abstains,
                       Field(discriminator="type")]
 
 

@@ -46,6 +46,50 @@ def progress(iterable: Any, desc: str = "", total: int | None = None, leave: boo
     return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr, dynamic_ncols=True)
 
 
+class TuneProgress:
+    """A ``progress`` for ``loop.tune``: the per-split bars of ``progress`` (left, below) under one
+    overall bar, ``tune``, with an ETA over the whole tune, counted in items (probe attempts, answers).
+
+    Its total is unknown until ``plan(items)`` (the loop calls it once the probes are split, with the
+    items it expects to answer: the baseline's train minibatch and validation, validation once per
+    candidate, test twice). Pruned candidates answer fewer, promoted ones a train minibatch more, and
+    a baseline that stays best answers test once, so ``close()`` sets the total to the true count.
+    Judge-only work (retest, swap checks) is not counted, so the ETA is a lower bound when those are
+    large."""
+
+    def __init__(self, file: Any = None):
+        self.file = file if file is not None else sys.stderr
+        self.overall: Any = None
+
+    def _bar(self) -> Any:
+        if self.overall is None:
+            from tqdm import tqdm
+
+            self.overall = tqdm(total=None, desc="tune", unit="item", position=0, file=self.file, dynamic_ncols=True)
+        return self.overall
+
+    def plan(self, items: int) -> None:
+        bar = self._bar()
+        bar.total = bar.n + items
+        bar.refresh()
+
+    def __call__(self, iterable: Any, desc: str = "", total: int | None = None, leave: bool = True) -> Any:
+        from tqdm import tqdm
+
+        overall = self._bar()
+        with tqdm(iterable, desc=desc, total=total, leave=leave, position=1, file=self.file,
+                  dynamic_ncols=True) as bar:
+            for x in bar:
+                yield x
+                overall.update(1)
+
+    def close(self) -> None:
+        if self.overall is not None:
+            self.overall.total = self.overall.n
+            self.overall.refresh()
+            self.overall.close()
+
+
 @dataclass
 class Tracking:
     """Where a command's MLflow runs go."""

@@ -9,6 +9,7 @@ No secret is ever logged: only model ids and the *names* of key variables are pa
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from .config import Config
 from .records import Evaluation, Probe, Round
 from .rubric import Rubric
+from .traces import TraceLogger, sources_for
 
 PARAM_MAX = 500
 
@@ -47,7 +49,10 @@ def judgments_frame(ev: Evaluation) -> pd.DataFrame:
 
 
 def eval_metrics(ev: Evaluation, criteria: list[str]) -> dict[str, float]:
+    """Per-split metrics; none for a split this candidate did not answer (e.g. train when not promoted)."""
     out: dict[str, float] = {}
+    if not ev.judgments:
+        return out
     if (o := ev.overall()) is not None:
         out[f"{ev.split}/overall"] = o
     for name in criteria:
@@ -70,6 +75,8 @@ class MlflowTracker:
         self.parent_id: str | None = None
         self.criteria: list[str] = []
         self.incumbent_val = 0.0
+        self.traces: TraceLogger | None = None  # per-item traces (tracking.traces), set up in start()
+        self.report_dir: Path | None = None  # where finish() wrote report.html
 
     def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
         from . import probes as P
@@ -95,6 +102,9 @@ class MlflowTracker:
             part = [p for p in probes if p.split == split]
             self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in part), f"probes/{split}.jsonl")
         self._log_probe_inputs(pid, probes)
+        if cfg.tracking.traces:
+            self.traces = TraceLogger(cfg.tracking_uri(), self.experiment_id, sources_for(cfg, rubric))
+            self.traces.datasets(pid, probes, P.digest)
 
     def _log_probe_inputs(self, run_id: str, probes: list[Probe]) -> None:
         import mlflow.data
@@ -114,7 +124,8 @@ class MlflowTracker:
         assert self.parent_id is not None
         child = self.client.create_run(self.experiment_id, run_name=f"round-{rnd.index:02d}",
                                        tags={"mlflow.parentRunId": self.parent_id, "selftune.round": str(rnd.index),
-                                             "selftune.promoted": str(rnd.gate.promote)})
+                                             "selftune.promoted": str(rnd.gate.promote),
+                                             "selftune.pruned": str(rnd.pruned)})
         cid = child.info.run_id
         try:
             params = [Param(k, str(v)[:PARAM_MAX]) for k, v in sorted(rnd.params.items())]
@@ -136,6 +147,8 @@ class MlflowTracker:
                                  "round.json")
             for ev in (rnd.train, rnd.val):
                 self.client.log_table(cid, judgments_frame(ev), f"tables/{ev.split}.json")
+            if self.traces is not None:
+                self.traces.log(cid, f"round-{rnd.index:02d}", rnd.index, [rnd.train, rnd.val])
             self.client.set_terminated(cid, "FINISHED")
         except BaseException:
             self.client.set_terminated(cid, "FAILED")
@@ -174,13 +187,17 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        m.update({(k if k.startswith(("judge/", "checks/")) else f"stats/{k}"): float(v) for k, v in result.stats.items()
+        top = ("judge/", "checks/", "alarms/", "calls/", "search/", "gate/", "objective/", "gain/", "rounds/")
+        m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
         if "judge/verdict" in result.stats:  # trusted, untrusted or unproven
             self.client.set_tag(pid, "selftune.judge_state", result.stats["judge/verdict"].state)
+        if result.stats.get("stopped_because"):
+            self.client.set_tag(pid, "selftune.stopped_because", str(result.stats["stopped_because"])[:PARAM_MAX])
         if "judge/untrusted_because" in result.stats:
-            self.client.set_tag(pid, "selftune.judge_untrusted", str(result.stats["judge/untrusted_because"])[:PARAM_MAX])
+            why = str(result.stats["judge/untrusted_because"])[:PARAM_MAX]
+            self.client.set_tag(pid, "selftune.judge_untrusted", why)
         self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in m.items()])
         self.client.log_text(pid, yaml.safe_dump({"params": result.best.params}, sort_keys=True, allow_unicode=True),
                              "best.yaml")
@@ -188,7 +205,22 @@ class MlflowTracker:
         if result.best.index != 0:
             self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
         self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
-        self.client.log_text(pid, report(result), "report.md")
+        if self.traces is not None:
+            self.traces.log(pid, "test-baseline", None, [result.test_baseline])
+            if result.best.index != 0:
+                self.traces.log(pid, "test-best", None, [result.test_best])
+            self.client.log_batch(pid, metrics=[Metric(k, float(v), now, 0) for k, v in (
+                ("traces/items", self.traces.items), ("traces/seconds", self.traces.seconds),
+                ("traces/failed", self.traces.failed))])
+        text = report(result)
+        self.client.log_text(pid, text, "report.md")
+        from .report_html import write_report
+
+        try:
+            self.report_dir = write_report(result, text, self.cfg.workdir / "report", self.client, pid)
+        except Exception as err:  # noqa: BLE001 -- the tune's results are logged; say the page failed
+            logging.getLogger(__name__).warning("report.html not written: %s: %s", type(err).__name__, err)
+            self.client.set_tag(pid, "selftune.report_error", f"{type(err).__name__}: {err}"[:PARAM_MAX])
         self.client.set_terminated(pid, "FINISHED")
 
     def abort(self, reason: str) -> None:
@@ -215,7 +247,8 @@ def _valid_rate(result: Any) -> float:
 def rounds_frame(rounds: list[Round]) -> pd.DataFrame:
     rows = []
     for r in rounds:
-        row = {"round": r.index, "train": r.train.overall(), "val": r.val.overall(), "promoted": r.gate.promote,
+        row = {"round": r.index, "train": r.train.overall(), "val": r.val.overall(), "n_val": len(r.val.judgments),
+               "promoted": r.gate.promote,
                "incumbent": r.incumbent_index, "gate": r.gate.reason, "notes": "; ".join(r.notes)}
         row.update({k: v for k, v in r.params.items() if not isinstance(v, str)})
         rows.append(row)
@@ -229,7 +262,8 @@ def report(result: Any) -> str:
              f"- best round: {result.best.index}",
              f"- validation: baseline {fmt(result.rounds[0].val.overall())} -> best {fmt(result.best.val.overall())} "
              f"(gain {result.val_gain:+.3f}, tuned on)",
-             f"- held-out test: baseline {fmt(result.test_baseline.overall())} -> best {fmt(result.test_best.overall())} "
+             f"- held-out test: baseline {fmt(result.test_baseline.overall())} -> "
+             f"best {fmt(result.test_best.overall())} "
              f"(gain {result.test_gain:+.3f}, never seen by the optimizer)",
              f"- gap (val gain - test gain): {result.val_gain - result.test_gain:+.3f}",
              f"- judge valid-score rate: {_valid_rate(result):.3f}"]
@@ -245,6 +279,9 @@ def report(result: Any) -> str:
         lines.append(f"- on the deterministic criteria alone: validation {st['checks/val_baseline']:.3f} -> "
                      f"{st['checks/val_best']:.3f}, held-out test {st['checks/test_baseline']:.3f} -> "
                      f"{st['checks/test_best']:.3f}")
+    if st.get("corpus_skipped"):
+        lines.append(f"- corpus: {st['corpus_skipped_because']}")
+    lines += _evidence_lines(st)
     verdict = st.get("judge/verdict")  # trust.Verdict: every trust figure beside its threshold
     state = verdict.state if verdict is not None else "untrusted"
     if st.get("judge/trusted") == 0.0 and state == "unproven":
@@ -257,6 +294,41 @@ def report(result: Any) -> str:
     if verdict is not None and verdict.figures:
         lines += ["", f"## Judge trust bar: {state}", "", *verdict.table()]
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(st: dict[str, Any]) -> list[str]:
+    """The proof of a tune: each gain with its interval, the smallest gain the gate can see, where the
+    LM calls went, and the reward-hacking alarms."""
+    out = []
+    for on, what in (("", f"on the objective that decided ({st.get('gain/objective', '?')})"),
+                     ("checks/", "on the deterministic criteria alone")):
+        parts = [f"{split} {st[f'{on}gain/{split}_gain']:+.3f} [{st[f'{on}gain/{split}_low']:+.3f}, "
+                 f"{st[f'{on}gain/{split}_high']:+.3f}] (n={int(st[f'{on}gain/{split}_n'])})"
+                 for split in ("val", "test") if f"{on}gain/{split}_gain" in st]
+        if parts:
+            out.append(f"- best over baseline {what}, paired-bootstrap interval: " + "; ".join(parts))
+    if "gate/min_detectable_effect" in st:
+        out.append(f"- minimum detectable effect of the validation split: {st['gate/min_detectable_effect']:.3f} "
+                   f"(n={int(st['gate/n_val'])}, paired SD {st['gate/paired_sd']:.3f}, 80% power at the gate's "
+                   "confidence)")
+    calls = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("calls/") and k not in
+             ("calls/total", "calls/budget")}
+    if calls:
+        budget = f" of a budget of {int(st['calls/budget'])}" if "calls/budget" in st else ""
+        screened = int(st.get("search/stage1_settings_screened", 0))
+        out.append(f"- LM calls: {int(st.get('calls/total', sum(calls.values())))}{budget}: "
+                   + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in calls.items())
+                   + f"; stage 1 screened {screened} retrieval settings with no LM call")
+    if "rounds/search" in st:
+        out.append(f"- candidates: {int(st['rounds/search'])} search moves, {int(st['rounds/rewrite'])} rewrites; "
+                   f"{int(st['rounds/pruned'])} pruned early, {int(st['rounds/promoted'])} promoted; "
+                   f"{int(st.get('search/carried', 0))} retrieval settings carried from stage 1")
+    alarms = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("alarms/")}
+    out.append("- reward-hacking alarms on proposals: " + (", ".join(f"{k} {v}" for k, v in alarms.items())
+                                                            if alarms else "none"))
+    if st.get("stopped_because"):
+        out.append(f"- stopped: {st['stopped_because']}")
+    return out
 
 
 def _has_tabulate() -> bool:
