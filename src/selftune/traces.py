@@ -105,7 +105,7 @@ def item_trace(b: _Builder, j: Judgment, params: Params, where: Where, src: Sour
     from mlflow.entities import SpanType
 
     a, p = j.answer, j.answer.probe
-    end = start + max(int(a.seconds * 1e9), 1_000)
+    end = start + _item_ns(j)
     root = b.span(None, "item", SpanType.CHAIN, start)
     tid = root.trace_id
     root.set_inputs({"question": p.question})
@@ -230,6 +230,14 @@ def _info(tid: str, j: Judgment, where: Where, src: Sources, start: int, end: in
                      trace_metadata=meta, tags=tags, assessments=assessments)
 
 
+def _item_ns(j: Judgment) -> int:
+    return max(int(j.answer.seconds * 1e9), 1_000)
+
+
+def _duration(ev: Evaluation) -> int:
+    return sum(_item_ns(j) for j in ev.judgments)
+
+
 def log_evaluation(uri: str, ev: Evaluation, where: Where, src: Sources, now_ns: int | None = None) -> list[str]:
     """Log one trace per judged item of ``ev``; returns the trace ids in item order.
 
@@ -239,11 +247,11 @@ def log_evaluation(uri: str, ev: Evaluation, where: Where, src: Sources, now_ns:
 
     client = TracingClient(uri)
     b = _Builder()  # one per split: its span map lives as long as the split's spans
-    t = (now_ns or time.time_ns()) - sum(max(int(j.answer.seconds * 1e9), 1_000) for j in ev.judgments)
+    t = (now_ns or time.time_ns()) - _duration(ev)
     infos, spans = [], []
     for j in ev.judgments:
         info, item_spans = item_trace(b, j, ev.params, where, src, t)
-        t += max(int(j.answer.seconds * 1e9), 1_000)
+        t += _item_ns(j)
         infos.append(info)
         spans += item_spans
     for info in infos:
@@ -275,8 +283,10 @@ class TraceLogger:
         t0 = time.perf_counter()
         try:
             where = Where(self.experiment_id, run_id, label, round_)
+            end = time.time_ns() - sum(_duration(ev) for ev in evs)  # the splits one after the other
             for ev in evs:
-                self.ids.setdefault(label, []).extend(log_evaluation(self.uri, ev, where, self.src))
+                end += _duration(ev)
+                self.ids.setdefault(label, []).extend(log_evaluation(self.uri, ev, where, self.src, end))
                 self.items += len(ev.judgments)
         except Exception as err:  # noqa: BLE001 -- observability must not end a tune; recorded below
             self.failed += 1
