@@ -95,7 +95,7 @@ def val_figure(rounds: list[Round]) -> Any:
     ax.set_ylabel("validation overall")
     ax.set_xticks(xs)
     ax.set_title("Validation score per round")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: it hides no point
     return fig
 
 
