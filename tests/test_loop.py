@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from conftest import FakeModels, fake_role, no_progress, write_config
 from selftune.config import load_config
 from selftune.loop import Session, tune
-from selftune.tracking import MlflowTracker
+from selftune.tracking import MlflowTracker, report
 
 
 def run(tmp_path, corpus_dir, rounds=2, **cfg_over):
@@ -183,3 +183,8 @@ def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, co
     assert r2.gate.reason.startswith("pruned after 3 validation items: clearly worse than the incumbent")
     assert all(j.answer.text == "banana" for j in r2.val.judgments) and r2.train.judgments == ()
     assert result.stats["search/stage1_settings_screened"] > 0 and result.stats["calls/total"] > 0
+    # where the time went, stage by stage, in the report
+    secs = {k: v for k, v in result.stats.items() if k.startswith("time/")}
+    assert {"time/probes", "time/baseline", "time/stage_2", "time/test"} <= set(secs)
+    assert all(v >= 0 for v in secs.values())
+    assert "- wall time: " in report(result) and " baseline " in report(result).split("- wall time: ")[1]

@@ -68,6 +68,26 @@ def test_a_reading_judge_is_trusted_once_measured(tmp_path, corpus_dir):
     assert parent.data.tags["selftune.judge_state"] == "trusted" and parent.data.metrics["judge/valid_rate"] == 1.0
 
 
+def test_until_trusted_the_judge_scores_a_sample_and_once_trusted_every_item_it_decides_on(tmp_path, corpus_dir):
+    from selftune.loop import has_unscored_items
+
+    for k in range(4):  # enough probes for splits larger than the monitoring sample
+        (corpus_dir / f"valves{k}.txt").write_text(" ".join(
+            f"Pump{k}{n} gasket{n} valve{k} opens at {10 * k + n} bar and closes again at {5 * n + k} bar."
+            for n in range(6)), encoding="utf-8")
+    cfg, result, _ = run_with_judge(tmp_path, corpus_dir, reader, judge="{trust: {min_items: 3}, monitor_sample: 2}",
+                                    probes="{count: 30}")
+    rounds = result.rounds
+    assert result.stats["judge/verdict"].state == "trusted"
+    assert all(len(ev.judgments) > 2 for ev in (rounds[0].train, rounds[0].val))
+    assert not rounds[0].trusted and has_unscored_items(rounds[0].train)  # unproven: a sample of 2 was scored
+    decided = [r for r in rounds[1:] if r.trusted and not r.pruned]
+    assert decided
+    for r in decided:  # the skipped items were judged once the judge's scores counted, on both sides
+        assert not has_unscored_items(r.val)
+        assert not has_unscored_items(rounds[rounds[r.index - 1].incumbent_index].val)
+
+
 def test_a_judge_measured_on_too_few_items_is_unproven_and_decides_nothing(tmp_path, corpus_dir):
     cfg, result, tracker = run_with_judge(tmp_path, corpus_dir, reader)  # default bar: 10 items per figure
     verdict = result.stats["judge/verdict"]

@@ -24,8 +24,13 @@ from .records import Answer, Judgment, Score
 from .rubric import LLMCriterion, RagasCriterion, Rubric
 
 
-UNSCORED = Score(status="n/a", rationale="not scored: the judge is below the trust bar, so only a monitoring "
-                                       "sample of items is judged by the model")
+UNSCORED = Score(status="n/a", rationale="not scored: the judge has not earned trust (below the trust bar, or "
+                                       "not measured yet), so only a monitoring sample of items is judged by the model")
+
+
+def has_unscored(judgment: Judgment) -> bool:
+    """True when the judge model skipped this item (``judge(..., llm=False)``)."""
+    return any(s == UNSCORED for s in judgment.scores.values())
 
 
 class Judge:

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -358,10 +359,30 @@ class CallLedger(BaseCallback):
     the response cache or not, so a rerun spends (and stops) exactly as the first run did."""
 
     def __init__(self) -> None:
-        self.stage = "setup"
+        self._stage = "setup"
+        self._since = time.perf_counter()
+        self._seconds: dict[str, float] = {}
         self.by_stage: dict[str, int] = {}
         self.by_role: dict[str, int] = {}
         self._names: dict[int, str] = {}
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, name: str) -> None:
+        """Enter stage ``name``; the wall time since the last switch goes to the stage left."""
+        now = time.perf_counter()
+        self._seconds[self._stage] = self._seconds.get(self._stage, 0.0) + now - self._since
+        self._stage, self._since = name, now
+
+    @property
+    def seconds_by_stage(self) -> dict[str, float]:
+        """Wall time per stage so far (the current one up to now), in the order the stages came."""
+        out = dict(self._seconds)
+        out[self._stage] = out.get(self._stage, 0.0) + time.perf_counter() - self._since
+        return out
 
     def watch(self, lm: Any, role: str) -> None:
         self._names[id(lm)] = role

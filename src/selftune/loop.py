@@ -17,7 +17,7 @@ from .config import Config, initial_params
 from .corpus import Corpus, chunk_corpus, load_corpus
 from .gate import decide, gain, min_detectable_effect, paired_diffs
 from .index import Embedder, Index
-from .judge import Judge
+from .judge import Judge, has_unscored
 from .lm import CallLedger, Models, check_credentials
 from .optimize import Optimizer
 from .rag import RAG, load_system
@@ -140,6 +140,13 @@ class Session:
             raise RuntimeError(f"every {split} item failed; first error: {judgments[0].answer.error}")
         return ev
 
+    def complete(self, ev: Evaluation, probes: list[Probe], progress: Progress) -> Evaluation:
+        """``ev`` with every item scored by the judge model: the items it skipped (a monitoring sample
+        was judged) are judged now. Answers and the sample's judgments come from the response cache."""
+        if not has_unscored_items(ev):
+            return ev
+        return self.evaluate(ev.params, probes, ev.split, progress, limit=len(ev.judgments))
+
     def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
         """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
         cfg = self.cfg
@@ -202,9 +209,12 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     try:
         params = initial_params(cfg)
         ledger.stage = "baseline"
+        # The judge model has proven nothing yet (its position consistency is measured from round 1 on),
+        # so its scores cannot count: it scores a monitoring sample, completed once it earns trust.
+        sample = cfg.judge.monitor_sample if monitor.model_scored and not pairwise_mode else None
         base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress,
-                                                                     limit=spec.train_items),
-                     val=session.evaluate(params, probes, "val", progress),
+                                                                     limit=spec.train_items, llm_items=sample),
+                     val=session.evaluate(params, probes, "val", progress, llm_items=sample),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
         ledger.stage = "judge monitoring"
         monitor.observe([base.train, base.val])
@@ -214,6 +224,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         trusted = verdict.trusted
         _say_trust(verdict)
         objective = objective_for(rubric, verdict, cfg.judge.mode, cap)
+        if objective.kind != "checks":  # trusted at once (e.g. only ragas metrics to prove): score every item
+            base = base.model_copy(update={"train": session.complete(base.train, probes, progress),
+                                           "val": session.complete(base.val, probes, progress)})
         optimizer.steer(objective)
         session.set_demos(base.train, objective)
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
@@ -251,6 +264,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             if verdict.state != was:
                 _say_trust(verdict)
             objective = objective_for(rubric, verdict, cfg.judge.mode, cap)
+            if objective.kind == "rubric":  # the judge's scores count now: both sides scored on every item
+                val = session.complete(val, probes, progress)
+                if has_unscored_items(incumbent.val):
+                    incumbent = incumbent.model_copy(update={"val": session.complete(incumbent.val, probes, progress)})
+                    history[[r.index for r in history].index(incumbent.index)] = incumbent
             optimizer.steer(objective)
             judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
             gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
@@ -281,6 +299,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                                bool(monitor.model_scored)))
         stats.update({f"calls/{k.replace(' ', '_')}": v for k, v in ledger.by_stage.items()})
         stats["calls/total"] = ledger.total
+        stats.update({f"time/{k.replace(' ', '_')}": round(v, 1) for k, v in ledger.seconds_by_stage.items()})
         if spec.budget.calls is not None:
             stats["calls/budget"] = spec.budget.calls
         stats.update({f"search/{k}": v for k, v in optimizer.ledger().items()})
@@ -344,6 +363,10 @@ def _say_trust(verdict: Verdict) -> None:
         log.warning("judge unproven (%s): promoting on deterministic criteria only until it is measured", why)
     else:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", why)
+
+
+def has_unscored_items(ev: Evaluation) -> bool:
+    return any(has_unscored(j) for j in ev.judgments)
 
 
 def write_best(path: Path, params: Params, demos: list[Any] | None = None) -> None:

@@ -187,7 +187,7 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        top = ("judge/", "checks/", "alarms/", "calls/", "search/", "gate/", "objective/", "gain/", "rounds/")
+        top = ("judge/", "checks/", "alarms/", "calls/", "time/", "search/", "gate/", "objective/", "gain/", "rounds/")
         m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
@@ -319,6 +319,10 @@ def _evidence_lines(st: dict[str, Any]) -> list[str]:
         out.append(f"- LM calls: {int(st.get('calls/total', sum(calls.values())))}{budget}: "
                    + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in calls.items())
                    + f"; stage 1 screened {screened} retrieval settings with no LM call")
+    secs = {k.split("/", 1)[1].replace("_", " "): v for k, v in st.items() if k.startswith("time/")}
+    if secs:
+        out.append(f"- wall time: {sum(secs.values()) / 60:.1f} min: "
+                   + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()))
     if "rounds/search" in st:
         out.append(f"- candidates: {int(st['rounds/search'])} search moves, {int(st['rounds/rewrite'])} rewrites; "
                    f"{int(st['rounds/pruned'])} pruned early, {int(st['rounds/promoted'])} promoted; "

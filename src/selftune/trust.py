@@ -30,7 +30,7 @@ from typing import Any
 
 from .checks import token_f1
 from .config import Config, JudgeSpec
-from .judge import Judge
+from .judge import UNSCORED, Judge
 from .objective import Objective, checks_only, pairwise, whole_rubric
 from .records import Evaluation, Figure, Judgment, Verdict
 from .reliability import length_correlation, panel_agreement, retest_stats, spearman, swap_consistency
@@ -70,7 +70,9 @@ class Monitor:
         panel = self.judge.panel
         if not self.model_scored or self.spec.retest_sample == 0 or panel is None:
             return {}
-        items = [j for ev in evals for j in ev.judgments if j.answer.error is None]
+        names = [c.name for c in self.model_scored]  # items the judge model scored (not a skipped one)
+        items = [j for ev in evals for j in ev.judgments
+                 if j.answer.error is None and any(j.scores.get(n, UNSCORED) != UNSCORED for n in names)]
         rng = random.Random(self.seed)
         sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
         again = self.judge.variant(roles=[r.with_lm(r.lm.copy(cache=False)) for r in panel.roles],
