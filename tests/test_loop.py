@@ -188,3 +188,15 @@ def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, co
     assert {"time/probes", "time/baseline", "time/stage_2", "time/test"} <= set(secs)
     assert all(v >= 0 for v in secs.values())
     assert "- wall time: " in report(result) and " baseline " in report(result).split("- wall time: ")[1]
+
+
+@pytest.mark.parametrize("budget, why", [("{calls: 1}", "LM-call budget reached"),
+                                         ("{minutes: 0.001}", "time budget: ")])
+def test_a_budget_ends_the_tune_before_the_next_candidate_and_the_report_says_why(tmp_path, corpus_dir, budget, why):
+    path = write_config(tmp_path, corpus_dir)
+    path.write_text(path.read_text().replace("optimizer: {rounds: 2}", f"optimizer: {{rounds: 2, budget: {budget}}}"))
+    cfg = load_config(path)
+    result = tune(Session(cfg, models=FakeModels()), 2, MlflowTracker(cfg), no_progress)
+    assert len(result.rounds) == 1 and result.stats["stopped_because"].startswith(why)
+    assert f"- stopped: {why}" in report(result) and "after 0 candidates" in result.stats["stopped_because"]
+    assert result.test_best is result.test_baseline  # the held-out test is still scored, once

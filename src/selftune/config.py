@@ -142,6 +142,9 @@ class ProbeSpec(Strict):
 class BudgetSpec(Strict):
     calls: int | None = Field(1500, ge=1, description="LM calls a tune may make (every role, cached calls "
                                                       "included); reaching it ends the tune after that candidate")
+    minutes: float | None = Field(None, gt=0, le=100000, description="wall time a tune may take (Optuna's "
+                                  "`timeout`): no candidate is started that would, with the held-out test still "
+                                  "to score, end the tune after it; measured from the start of the tune")
 
 
 class OptimizerSpec(Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     ``rounds`` caps the candidates; ``optimizer.budget.calls`` may end the tune sooner."""
     cfg, rubric, cap, spec = session.cfg, session.rubric, session.judge.flag_cap, session.cfg.optimizer
     ledger = session.ledger
+    started = time.perf_counter()
     ledger.stage = "probes"
     probes, stats = session.probes(progress)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
@@ -232,11 +234,21 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
         observer.round(base)
+        n_test = sum(p.split == "test" for p in probes)
+        answered = len(base.train.judgments) + len(base.val.judgments)
+        item_secs = ledger.seconds_by_stage.get("baseline", 0.0) / max(answered, 1)  # index build included
+        round_secs: list[float] = []
         for i in range(1, rounds + 1):
             if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
                 stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
                 log.info("%s", stop_reason)
                 break
+            if spec.budget.minutes is not None and (why := _out_of_time(
+                    started, spec.budget.minutes, round_secs or [item_secs * n_val], 2 * item_secs * n_test, i - 1)):
+                stop_reason = why
+                log.info("%s", stop_reason)
+                break
+            round_started = time.perf_counter()
             ledger.stage = "optimizer"
             cand, notes = optimizer.propose(history)
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
@@ -253,6 +265,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                             notes=notes, judge_stats=dict(monitor.stats), trusted=trusted, pruned=True)
                 history.append(rnd)
                 observer.round(rnd)
+                round_secs.append(time.perf_counter() - round_started)
                 continue
             ledger.stage = "judge monitoring"
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
@@ -283,6 +296,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                         judge_stats=stats_now, trusted=trusted)
             history.append(rnd)
             observer.round(rnd)
+            round_secs.append(time.perf_counter() - round_started)
         best = next(r for r in history if r.index == history[-1].incumbent_index)
         # The held-out split is touched only here, after every choice is made, and only to report.
         ledger.stage = "test"
@@ -363,6 +377,17 @@ def _say_trust(verdict: Verdict) -> None:
         log.warning("judge unproven (%s): promoting on deterministic criteria only until it is measured", why)
     else:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", why)
+
+
+def _out_of_time(started: float, minutes: float, round_secs: list[float], test_secs: float, done: int) -> str:
+    """Why no further candidate fits in ``optimizer.budget.minutes`` (empty if one does): the slowest
+    round so far plus the held-out test (baseline and best, at the baseline's seconds per item)."""
+    elapsed = time.perf_counter() - started
+    if elapsed + max(round_secs) + test_secs <= minutes * 60:
+        return ""
+    return (f"time budget: {elapsed / 60:.1f} of {minutes:g} min used; another candidate (~{max(round_secs) / 60:.1f} "
+            f"min) and the held-out test (~{test_secs / 60:.1f} min) would not fit, so it stopped after {done} "
+            "candidates")
 
 
 def has_unscored_items(ev: Evaluation) -> bool:
