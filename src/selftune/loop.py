@@ -191,8 +191,16 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         n_train = min(n_train, spec.train_items) if spec.train_items else n_train
         plan(n_train + (rounds + 1) * n_val + 2 * sum(p.split == "test" for p in probes))
     # The optimizer is built from train/val material only: it is never handed a test probe.
+    storage = study = None
+    if spec.storage is not None:  # a lasting study, shared by every process with this config (studies.py)
+        from .studies import open_storage, study_name
+
+        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None)
+        study = study_name(cfg, session.corpus.digest)
+        stats["optimizer/study"] = study
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,
-                          cheap=session.retrieval_objective([p for p in probes if p.split != "test"]))
+                          cheap=session.retrieval_objective([p for p in probes if p.split != "test"]),
+                          storage=storage, study=study)
     # GEPA's minibatches (hosted optimizer model): train probes only; LLM scores only where they count
     optimizer.evaluate_train = lambda ps, items: list(session.evaluate(
         ps, items, "train", progress, llm_items=0 if objective.kind == "checks" else None).judgments)
@@ -265,6 +273,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                         judge_stats=stats_now, trusted=trusted)
             history.append(rnd)
             observer.round(rnd)
+        optimizer.settle(history)
         best = next(r for r in history if r.index == history[-1].incumbent_index)
         # The held-out split is touched only here, after every choice is made, and only to report.
         ledger.stage = "test"
@@ -297,6 +306,10 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             stats["judge/untrusted_because"] = f"{verdict.state}: " + "; ".join(verdict.reasons)
         result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
     except BaseException as err:
+        try:
+            optimizer.settle(None)  # a candidate in hand goes back to a lasting study, never half-counted
+        except Exception as closing:  # noqa: BLE001 -- the first error is the one to raise
+            log.warning("could not close the search's open trial: %s", closing)
         observer.abort(f"{type(err).__name__}: {err}")
         raise
     observer.finish(result)

@@ -193,6 +193,8 @@ class MlflowTracker:
                                                                         "judge/swap/consistency", "judge/trusted"))})
         if "judge/verdict" in result.stats:  # trusted, untrusted or unproven
             self.client.set_tag(pid, "selftune.judge_state", result.stats["judge/verdict"].state)
+        if result.stats.get("optimizer/study"):  # the study's name, never the storage URL (it may hold a password)
+            self.client.set_tag(pid, "selftune.study", str(result.stats["optimizer/study"])[:PARAM_MAX])
         if result.stats.get("stopped_because"):
             self.client.set_tag(pid, "selftune.stopped_because", str(result.stats["stopped_because"])[:PARAM_MAX])
         if "judge/untrusted_because" in result.stats:
