@@ -110,8 +110,8 @@ def test_a_candidate_running_elsewhere_is_not_handed_out(url):
     assert key(held.params) in c._known and key(held.params) not in c._failed
 
 
-def _worker(url, seed, n, out):
-    s = search(url, seed=seed)
+def _worker(url, seed, n, out, name="s"):
+    s = search(url, name=name, seed=seed)
     got = []
     for _ in range(n):
         cand = s.ask()

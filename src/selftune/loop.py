@@ -67,7 +67,7 @@ class Session:
         self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config",
                                           cfg.corpus.follow_symlinks, cfg.corpus.max_file_mb)
         self.embedder = Embedder(cfg.embedder)
-        self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma")
+        self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma", server=cfg.index.server)
         self.models = models or Models(cfg)
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))

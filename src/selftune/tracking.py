@@ -69,8 +69,12 @@ class MlflowTracker:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri())
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        # a tracking server keeps the artifacts where it serves them from (every machine reads the same);
+        # a local store keeps them in the workdir
+        remote = cfg.tracking_uri().startswith(("http://", "https://"))
+        where = None if remote else (cfg.workdir / "mlartifacts").resolve().as_uri()
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            cfg.tracking.experiment, artifact_location=(cfg.workdir / "mlartifacts").resolve().as_uri())
+            cfg.tracking.experiment, artifact_location=where)
         self.cfg = cfg
         self.parent_id: str | None = None
         self.criteria: list[str] = []
