@@ -187,3 +187,41 @@ def test_a_restarted_tune_continues_its_study(tmp_path, corpus_dir):
     assert all(held[n].state != optuna.trial.TrialState.RUNNING for n in numbers)  # each one told
     evaluated_params = [key(held[n].params) for n in numbers if held[n].state == optuna.trial.TrialState.COMPLETE]
     assert len(evaluated_params) == len(set(evaluated_params))  # no candidate evaluated twice across the tunes
+
+
+def _ask_and_hang(url, out):
+    s = MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=3, carry=0.5, baseline=BASE,
+                            storage=open_storage(url, heartbeat=1), study_name="hb")
+    cand = s.ask()
+    out.put(cand.params)
+    time.sleep(600)  # an evaluation that never ends: the test kills this process
+
+
+def test_a_killed_process_candidate_is_requeued_by_the_heartbeat(tmp_path):
+    """Optuna's heartbeat (RDB): the killed process's RUNNING trial goes stale, the next ask fails it and
+    re-queues its params once (RetryHeartbeatStaleTrialCallback); another process evaluates it, once."""
+    import os
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'hb.db'}"
+    MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=3, carry=0.5, baseline=BASE, storage=open_storage(url),
+                        study_name="hb").screen()
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_ask_and_hang, args=(url, out))
+    proc.start()
+    held = out.get(timeout=120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=30)
+    time.sleep(3.5)  # past the grace period (2 heartbeats of 1 s): the trial is stale
+    other = MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=4, carry=0.5, baseline=BASE,
+                                storage=open_storage(url, heartbeat=1), study_name="hb")
+    cand = other.ask()
+    assert cand.params == held  # the killed process's candidate, re-queued
+    other.tell(cand, full(cand.params))
+    trials = optuna.load_study(study_name="hb", storage=open_storage(url)).get_trials()
+    killed = [t for t in trials if t.params == held and t.state == optuna.trial.TrialState.FAIL]
+    assert len(killed) == 1 and not killed[0].user_attrs.get(REPEAT)  # failed by the heartbeat, not a score
+    assert [key(p) for p in evaluated(url, "hb")] == [key(held)]  # evaluated once, by the survivor
+    nxt = other.ask()
+    assert nxt.params != held  # and not handed out again

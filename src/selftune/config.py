@@ -165,6 +165,10 @@ class OptimizerSpec(Strict):
                           "postgresql://user@host/db) or a journal file path; the study is named from the config, "
                           "so a restarted tune continues it and several processes share it (default: in memory)")
 
+    heartbeat: int = Field(60, ge=1, le=86400, description="with an RDB storage: seconds between the heartbeats of "
+                                                         "a process evaluating a candidate; one silent for two "
+                                                         "intervals is failed and its candidate re-queued once")
+
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str | None) -> str | None:

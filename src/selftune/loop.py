@@ -195,7 +195,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     if spec.storage is not None:  # a lasting study, shared by every process with this config (studies.py)
         from .studies import open_storage, study_name
 
-        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None)
+        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None, spec.heartbeat)
         study = study_name(cfg, session.corpus.digest)
         stats["optimizer/study"] = study
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,

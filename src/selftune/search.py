@@ -48,6 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ Key = tuple[tuple[str, Value], ...]
 STAGE1 = "selftune.stage1"  # study user attr: [[setting, cheap score], ...]
 CARRY = "selftune.carry"  # study user attr: the carry share after widening
 REPEAT = "selftune.repeat"  # trial user attr: a trial that holds no evaluation of its own (why)
+
+
+def _heartbeat(storage: optuna.storages.BaseStorage | None) -> bool:
+    return storage is not None and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
 class Exhausted(Exception):
@@ -159,6 +164,7 @@ class MultiFidelitySearch:
         self._known: dict[Key, float] = {}  # full value per evaluated candidate
         self._failed: set[Key] = set()
         self._pending: dict[int, optuna.trial.Trial] = {}
+        self._beats: dict[int, tuple[threading.Event, threading.Thread]] = {}  # heartbeats of pending trials
         self._in_flight: set[Key] = set()  # candidates another process is evaluating (RUNNING trials)
         self._study: optuna.Study | None = None
         self._screening = False
@@ -254,16 +260,47 @@ class MultiFidelitySearch:
         scores and the carry share."""
         if self.storage is None:
             return
+        if _heartbeat(self.storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a silent process's candidates: FAIL, re-queued
         self._load_scores()
         self._in_flight = set()
-        for t in study.get_trials(deepcopy=False):
+        trials = study.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in [t.system_attrs.get("failed_trial"), *t.system_attrs.get(
+            "retry_history", [])] if n is not None}
+        for t in trials:
             k = _key(t.params)
             if t.state == TrialState.COMPLETE and t.value is not None:
                 self._known.setdefault(k, t.value)
-            elif t.state == TrialState.FAIL and not t.user_attrs.get(REPEAT):
+            elif t.state == TrialState.FAIL and not t.user_attrs.get(REPEAT) and t.number not in retried:
                 self._failed.add(k)
             elif t.state == TrialState.RUNNING and t.number not in self._pending and t.params:
                 self._in_flight.add(k)
+
+    def _beat(self, trial: optuna.trial.Trial) -> None:
+        """While a candidate is out, record a heartbeat every interval (Optuna's own heartbeat runs only
+        inside ``optimize``; ask/tell keeps it with the storage's public ``record_heartbeat``)."""
+        if not _heartbeat(self.storage):
+            return
+        storage: Any = self.storage
+        stop, every, trial_id = threading.Event(), storage.get_heartbeat_interval(), trial._trial_id
+
+        def beat() -> None:
+            while not stop.wait(every):
+                storage.record_heartbeat(trial_id)
+
+        storage.record_heartbeat(trial_id)  # the first before the candidate is handed out: never out unwatched
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+        thread.start()
+        self._beats[trial.number] = (stop, thread)
+
+    def _unbeat(self, number: int) -> None:
+        if number in self._beats:
+            stop, thread = self._beats.pop(number)
+            stop.set()
+            thread.join()
 
     def _claimed_elsewhere(self, study: optuna.Study, number: int, k: Key) -> bool:
         """Another process drew the same candidate since the last sync: any other trial holding it, running
@@ -300,7 +337,9 @@ class MultiFidelitySearch:
             if idle >= self.idle_draws:
                 self._widen(study)
                 idle = 0
-            trial = study.ask(self._dists)
+            with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are kept below
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask(self._dists)
             params, setting = dict(trial.params), self._setting(trial.params)
             k = _key(params)
             if not self._carried(setting):
@@ -317,6 +356,7 @@ class MultiFidelitySearch:
                 study.tell(trial, state=TrialState.FAIL)
             else:
                 self._pending[trial.number] = trial
+                self._beat(trial)
                 return Candidate(trial.number, params)
             self.ledger.repeats += 1
             idle += 1
@@ -331,6 +371,7 @@ class MultiFidelitySearch:
 
     def tell(self, cand: Candidate, value: float | None) -> None:
         trial = self._pending.pop(cand.number)
+        self._unbeat(cand.number)
         assert self._study is not None
         if value is None:
             self.ledger.failed += 1
@@ -344,6 +385,7 @@ class MultiFidelitySearch:
     def prune(self, cand: Candidate) -> None:
         self.ledger.pruned += 1
         assert self._study is not None
+        self._unbeat(cand.number)
         self._study.tell(self._pending.pop(cand.number), state=TrialState.PRUNED)
 
     def abandon(self) -> None:
@@ -351,6 +393,7 @@ class MultiFidelitySearch:
         holding no evaluation, so a shared or restarted study hands them out again."""
         assert self._study is not None or not self._pending
         for number, trial in list(self._pending.items()):
+            self._unbeat(number)
             trial.set_user_attr(REPEAT, "abandoned: its evaluation did not end")
             self._study.tell(trial, state=TrialState.FAIL)  # type: ignore[union-attr]
             del self._pending[number]

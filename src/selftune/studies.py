@@ -32,12 +32,27 @@ def is_rdb(url: str) -> bool:
     return scheme in RDB_SCHEMES
 
 
-def open_storage(url: str, base: Path | None = None) -> optuna.storages.BaseStorage:
+def open_storage(url: str, base: Path | None = None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
     """The Optuna storage behind ``url``: an RDB storage for a database URL, else a journal file at that
-    path (relative paths resolved against ``base``, the config's folder)."""
+    path (relative paths resolved against ``base``, the config's folder).
+
+    ``heartbeat`` (seconds; RDB only, Optuna's heartbeat is an RDB feature): a process evaluating a
+    candidate records a heartbeat that often; a RUNNING trial silent for two intervals is failed by the
+    next process that asks (``fail_stale_trials``) and re-queued once as a WAITING trial with the same
+    params (``RetryHeartbeatStaleTrialCallback``), so a killed process's candidate is evaluated by
+    another and never half-counted. With a journal file a killed process's trial stays RUNNING: never
+    handed out again, never counted."""
     if is_rdb(url):
         # pool_pre_ping: a server restarted between rounds is reconnected to, not an error
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if "sqlite" not in url else {})
+        import warnings
+
+        kw: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True} if "sqlite" not in url else {}}
+        with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat is not None:
+                kw.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.storages.RDBStorage(url, **kw)
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(url).expanduser()
@@ -60,7 +75,7 @@ def study_name(cfg: Any, corpus_digest: str) -> str:
     for key in ("workdir", "tracking", "source", "index"):
         data.pop(key, None)
     opt = data.get("optimizer", {})
-    for key in ("rounds", "budget", "storage", "workers"):
+    for key in ("rounds", "budget", "storage", "heartbeat"):
         opt.pop(key, None)
     data["rubric"] = _file_digest(cfg.rubric)
     data["probes"]["file"] = _file_digest(cfg.probes.file)
