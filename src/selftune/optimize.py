@@ -219,6 +219,13 @@ class Optimizer:
         self.search.abandon()
         self._cand = None
 
+    def _search_turn(self, index: int) -> bool:
+        return bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+
+    def stage2_turn(self, history: list[Round]) -> bool:
+        """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
+        return self._search_turn(history[-1].index + 1) and (self._first_move_done or not self.retrieval)
+
     def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
         """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
         self._history = history
@@ -226,7 +233,7 @@ class Optimizer:
         incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1
-        search_turn = bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+        search_turn = self._search_turn(index)
         if search_turn:
             move = self._first_move(incumbent) if not self._first_move_done else None
             self._first_move_done = True

@@ -361,6 +361,10 @@ class MultiFidelitySearch:
             self.ledger.repeats += 1
             idle += 1
 
+    def annotate(self, cand: Candidate, name: str, value: Any) -> None:
+        """Keep ``value`` on the candidate's trial (a user attr every process sharing the study can read)."""
+        self._pending[cand.number].set_user_attr(name, value)
+
     def report(self, cand: Candidate, step: int, value: float) -> None:
         if step < 1:
             raise ValueError(f"step >= 1 must hold (step 0 holds cheap scores), but got step={step}")

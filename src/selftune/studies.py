@@ -62,6 +62,12 @@ def open_storage(url: str, base: Path | None = None, heartbeat: int | None = Non
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def default_storage(cfg: Any) -> str:
+    """Workers on one machine with no ``optimizer.storage``: an SQLite study in the workdir (RDB, so the
+    heartbeat works). Workers on other machines need a storage they all reach (PostgreSQL)."""
+    return cfg.optimizer.storage or f"sqlite:///{(cfg.workdir / 'optuna.db').resolve()}"
+
+
 def _file_digest(path: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else None
 
