@@ -1,6 +1,8 @@
 """Command line. It parses arguments, calls the module that owns the work, and prints:
 
-- ``selftune tune CONFIG``: probes, rounds, promotion, the held-out test report; all logged to MLflow;
+- ``selftune tune CONFIG [--workers N]``: probes, rounds, promotion, the held-out test report; all logged to
+  MLflow; with N worker processes evaluating stage-2 candidates through the shared study;
+- ``selftune worker CONFIG``: evaluate candidates for a tune of CONFIG running elsewhere (``workers.py``);
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
 - ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
