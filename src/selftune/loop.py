@@ -341,6 +341,8 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
         stats["rounds/search"] = sum(any(n.startswith("search") for n in r.notes) for r in moves)
         stats["rounds/rewrite"] = len(moves) - stats["rounds/search"]
         stats["rounds/pruned"] = sum(r.pruned for r in moves)
+        if pool is not None:  # candidates evaluated by workers (the search ledger counts this process's only)
+            stats["rounds/from_workers"] = sum(any(n.endswith("(a worker's)") for n in r.notes) for r in moves)
         stats["rounds/promoted"] = sum(r.gate.promote for r in moves)
         stats.update({f"alarms/{k}": v for k, v in optimizer.alarms.items()})
         if stop_reason:
