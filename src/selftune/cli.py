@@ -1,6 +1,8 @@
 """Command line. It parses arguments, calls the module that owns the work, and prints:
 
-- ``selftune tune CONFIG``: probes, rounds, promotion, the held-out test report; all logged to MLflow;
+- ``selftune tune CONFIG [--workers N]``: probes, rounds, promotion, the held-out test report; all logged to
+  MLflow; with N worker processes evaluating stage-2 candidates through the shared study;
+- ``selftune worker CONFIG``: evaluate candidates for a tune of CONFIG running elsewhere (``workers.py``);
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
 - ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
@@ -29,14 +31,16 @@ def _fail(err: InputError) -> None:
 
 @app.command()
 def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer.rounds"),
-         corpus: Path = typer.Option(None, help="point the config at another folder of documents")) -> None:
+         corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
+         workers: int = typer.Option(0, min=0, max=64, help="evaluate stage-2 candidates in N local worker "
+                                                            "processes through the shared study")) -> None:
     """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow."""
     from .config import load_config
 
     try:
         cfg = load_config(config, corpus)
         setup(cfg.workdir)
-        from .loop import Session, tune as run_tune, write_best
+        from .loop import Session, Workers, tune as run_tune, write_best
         from .tracking import MlflowTracker
 
         from .runtime import TuneProgress
@@ -45,7 +49,10 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
         tracker = MlflowTracker(cfg)
         bars = TuneProgress()
         try:
-            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars)
+            pool = Workers(workers, config if corpus is None else None) if workers else None
+            if pool is not None and corpus is not None:
+                raise InputError(config, "--corpus", "cannot be combined with --workers (workers read the config)")
+            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars, pool)
         finally:
             bars.close()
             session.close()
@@ -62,6 +69,26 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
     typer.echo(f"best params: {cfg.best_path()}")
     if tracker.report_dir is not None:
         typer.echo(f"report: {tracker.report_dir / 'report.html'}")
+
+
+@app.command()
+def worker(config: Path, id: int = typer.Option(0, "--id", help="this worker's number (offsets its sampler seed)"),
+           max_candidates: int = typer.Option(None, help="stop after reporting this many candidates")) -> None:
+    """Evaluate stage-2 candidates for a tune of CONFIG running elsewhere: ask the shared Optuna study
+    (optimizer.storage) for a candidate, answer and judge train and validation, report; until the tune ends."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config)
+        setup(cfg.workdir)
+        from .workers import run_worker
+
+        n = run_worker(cfg, id, max_candidates=max_candidates)
+    except InputError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    typer.echo(f"worker {id}: reported {n} candidates")
 
 
 @app.command("eval")

@@ -163,6 +163,21 @@ class OptimizerSpec(Strict):
                             "front over items (GEPA's way); auto: pareto with a hosted optimizer model, else best")
     gepa_calls: int = Field(40, ge=1, le=100000, description="hosted optimizer model: train items a rewrite's GEPA run "
                                                              "may evaluate (max_metric_calls, pool re-uses included)")
+    storage: str | None = Field(
+        None, description="where the search's Optuna study lives: an RDB URL (sqlite:///study.db, "
+                          "postgresql://user@host/db) or a journal file path; the study is named from the config, "
+                          "so a restarted tune continues it and several processes share it (default: in memory)")
+
+    heartbeat: int = Field(60, ge=1, le=86400, description="with an RDB storage: seconds between the heartbeats of "
+                                                         "a process evaluating a candidate; one silent for two "
+                                                         "intervals is failed and its candidate re-queued once")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expected an Optuna storage URL (sqlite:///..., postgresql://...) or a journal file path")
+        return v
 
 
 class GateSpec(Strict):
@@ -227,6 +242,28 @@ class TrackingSpec(Strict):
     traces: bool = Field(True, description="log every judged item as an MLflow trace with its scores as assessments")
 
 
+class IndexSpec(Strict):
+    server: str | None = Field(None, description="a chroma server (`chroma run`) as http://host:port: collections "
+                                                 "keyed as in the local store, so machines share what one embedded "
+                                                 "(default: a local store in the workdir)")
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v)
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if u.scheme not in ("http", "https") or not u.hostname or port is None or u.path not in ("", "/"):
+            raise ValueError(f"expected http://host:port of a chroma server, got {v!r}")
+        return v
+
+
 class Config(Strict):
     name: str = "selftune"
     seed: int = 0
@@ -241,6 +278,7 @@ class Config(Strict):
     gate: GateSpec = GateSpec()
     judge: JudgeSpec = JudgeSpec()
     tracking: TrackingSpec = TrackingSpec()
+    index: IndexSpec = IndexSpec()
     # Set by load_config: where this config came from (for error messages and artifacts).
     source: Path | None = None
 

@@ -1,6 +1,11 @@
 """chromadb + sentence-transformers: one persistent collection per (corpus hash, chunking, embedder),
 and a BM25 index per (corpus hash, chunking, tokenizer) beside it (``retrieval.BM25Store``).
 
+The collections live in a local store in the workdir, or on a chroma server (``index.server``, through
+chromadb's HTTP client) under the same names: a second machine with the same documents and embedder
+finds them complete and embeds nothing. The BM25 indexes stay local (built per machine, no LM or
+embedding cost), as do the query embeddings and rankings cached per process.
+
 A collection is marked ``complete`` only after every chunk is in, so an interrupted build is
 rebuilt and a finished one is reused without embedding anything again. Query embeddings and
 per-question rankings are cached on the ``Index`` (per process), so screening many retrieval
@@ -62,13 +67,22 @@ class Index:
     """Retrieval over one corpus; collections are built per chunking on first use. The BM25 indexes
     live in ``bm25_path`` (default: ``bm25`` beside ``path``)."""
 
-    def __init__(self, corpus: Corpus, embedder: Embedder, path: Path, bm25_path: Path | None = None):
+    def __init__(self, corpus: Corpus, embedder: Embedder, path: Path, bm25_path: Path | None = None,
+                 server: str | None = None):
         import chromadb
         from chromadb.config import Settings
 
         self.corpus, self.embedder = corpus, embedder
         path.mkdir(parents=True, exist_ok=True)
-        self.client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+        settings = Settings(anonymized_telemetry=False)
+        if server is None:
+            self.client = chromadb.PersistentClient(path=str(path), settings=settings)
+        else:  # a chroma server (`chroma run`): the same collection names, so any machine reuses them
+            from urllib.parse import urlsplit
+
+            u = urlsplit(server)
+            self.client = chromadb.HttpClient(host=u.hostname or "127.0.0.1", port=u.port or 8000,
+                                              ssl=u.scheme == "https", settings=settings)
         self._collections: dict[tuple[int, int], Any] = {}
         self.built: list[str] = []  # names of collections this process had to embed
         self.bm25 = BM25Store(bm25_path or path.parent / "bm25")

@@ -68,7 +68,7 @@ class Session:
         self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config",
                                           cfg.corpus.follow_symlinks, cfg.corpus.max_file_mb)
         self.embedder = Embedder(cfg.embedder)
-        self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma")
+        self.index = Index(self.corpus, self.embedder, cfg.workdir / "chroma", server=cfg.index.server)
         self.models = models or Models(cfg)
         self.sut = (RAG(self.index, self.models.role("sut")) if cfg.sut.system == "builtin"
                     else load_system(cfg.sut.system))
@@ -178,7 +178,18 @@ class Session:
         return probes, stats
 
 
-def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
+@dataclass
+class Workers:
+    """``tune --workers N``: stage-2 candidates evaluated by worker processes through the shared study
+    (``workers.py``). ``config``: spawn ``n`` local ``selftune worker CONFIG`` processes (None: workers
+    are started elsewhere); ``n``: also how far ahead of the gate they may evaluate."""
+
+    n: int
+    config: Path | None = None
+
+
+def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
+         workers: Workers | None = None) -> TuneResult:
     """Probes -> baseline -> stage 1 (retrieval screened on the cheap objective, no LM call) -> per
     round: proposal, validation answers on growing slices (a clearly losing candidate is pruned),
     judgments, trust verdict, objective, gate -> the held-out test, touched once at the end to report.
@@ -200,11 +211,29 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         n_train = min(n_train, spec.train_items) if spec.train_items else n_train
         plan(n_train + (rounds + 1) * n_val + 2 * sum(p.split == "test" for p in probes))
     # The optimizer is built from train/val material only: it is never handed a test probe.
+    storage = study = None
+    if workers is not None and spec.storage is None:
+        from .studies import default_storage
+
+        spec = spec.model_copy(update={"storage": default_storage(cfg)})
+    if spec.storage is not None:  # a lasting study, shared by every process with this config (studies.py)
+        from .studies import open_storage, study_name
+
+        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None, spec.heartbeat)
+        study = study_name(cfg, session.corpus.digest)
+        stats["optimizer/study"] = study
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,
-                          cheap=session.retrieval_objective([p for p in probes if p.split != "test"]))
+                          cheap=session.retrieval_objective([p for p in probes if p.split != "test"]),
+                          storage=storage, study=study)
     # GEPA's minibatches (hosted optimizer model): train probes only; LLM scores only where they count
     optimizer.evaluate_train = lambda ps, items: list(session.evaluate(
         ps, items, "train", progress, llm_items=0 if objective.kind == "checks" else None).judgments)
+    pool = None
+    if workers is not None:
+        from .workers import Pool
+
+        assert storage is not None and study is not None
+        pool = Pool(storage, study, workers.n)
     monitor = Monitor(rubric, session.judge, cfg.judge, cfg.seed)
     pairwise_mode = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
     stop_reason = ""
@@ -238,6 +267,12 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         answered = len(base.train.judgments) + len(base.val.judgments)
         item_secs = ledger.seconds_by_stage.get("baseline", 0.0) / max(answered, 1)  # index build included
         round_secs: list[float] = []
+        if pool is not None:  # what a worker needs; never a test probe
+            pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"], ahead=pool.ahead,
+                         demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
+            _publish(pool, optimizer, objective, base, cfg)
+            if workers is not None and workers.config is not None:
+                pool.spawn(workers.config, workers.n, cfg.workdir)
         for i in range(1, rounds + 1):
             if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
                 stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
@@ -250,13 +285,24 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
                 break
             round_started = time.perf_counter()
             ledger.stage = "optimizer"
-            cand, notes = optimizer.propose(history)
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             # below the trust bar the judge model scores only a monitoring sample: its scores cannot count
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
-            ledger.stage = "stage 2"
-            val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices,
-                                   stop=lambda js: optimizer.checkpoint(js, incumbent.val, cfg.gate))
+            reported = None
+            if pool is not None and optimizer.stage2_turn(history):
+                ledger.stage = "workers"
+                reported = pool.next()
+                if reported is None:
+                    stop_reason = f"no worker left to report a candidate after {i - 1} candidates"
+                    log.warning("%s", stop_reason)
+                    break
+                cand, notes = reported.params, (f"search: stage 2 trial {reported.number} (a worker's)",)
+                val = reported.val
+            else:
+                cand, notes = optimizer.propose(history)
+                ledger.stage = "stage 2"
+                val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices,
+                                       stop=lambda js: optimizer.checkpoint(js, incumbent.val, cfg.gate))
             empty = Evaluation(params=cand, split="train", judgments=())
             if len(val.judgments) < n_val:  # pruned: recorded, never compared or promoted
                 monitor.observe([val])
@@ -286,7 +332,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
             gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
             train = empty
-            if gate.promote:  # the new incumbent's train failures feed the next rewrites
+            if gate.promote and reported is not None:  # the worker answered train too
+                train = reported.train
+            elif gate.promote:  # the new incumbent's train failures feed the next rewrites
                 ledger.stage = "stage 2"
                 train = session.evaluate(cand, probes, "train", progress, limit=spec.train_items, llm_items=llm_items)
             stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
@@ -297,6 +345,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             history.append(rnd)
             observer.round(rnd)
             round_secs.append(time.perf_counter() - round_started)
+            if pool is not None:
+                _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
+        if pool is not None:
+            pool.close()
+        optimizer.settle(history)
         best = next(r for r in history if r.index == history[-1].incumbent_index)
         # The held-out split is touched only here, after every choice is made, and only to report.
         ledger.stage = "test"
@@ -321,6 +374,8 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         stats["rounds/search"] = sum(any(n.startswith("search") for n in r.notes) for r in moves)
         stats["rounds/rewrite"] = len(moves) - stats["rounds/search"]
         stats["rounds/pruned"] = sum(r.pruned for r in moves)
+        if pool is not None:  # candidates evaluated by workers (the search ledger counts this process's only)
+            stats["rounds/from_workers"] = sum(any(n.endswith("(a worker's)") for n in r.notes) for r in moves)
         stats["rounds/promoted"] = sum(r.gate.promote for r in moves)
         stats.update({f"alarms/{k}": v for k, v in optimizer.alarms.items()})
         if stop_reason:
@@ -330,10 +385,28 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
             stats["judge/untrusted_because"] = f"{verdict.state}: " + "; ".join(verdict.reasons)
         result = TuneResult(rounds=history, best=best, test_baseline=test_base, test_best=test_best, stats=stats)
     except BaseException as err:
+        if pool is not None:
+            try:
+                pool.close()
+            except Exception as closing:  # noqa: BLE001 -- the first error is the one to raise
+                log.warning("could not stop the workers: %s", closing)
+        try:
+            optimizer.settle(None)  # a candidate in hand goes back to a lasting study, never half-counted
+        except Exception as closing:  # noqa: BLE001 -- the first error is the one to raise
+            log.warning("could not close the search's open trial: %s", closing)
         observer.abort(f"{type(err).__name__}: {err}")
         raise
     observer.finish(result)
     return result
+
+
+def _publish(pool: Any, optimizer: Optimizer, objective: Objective, incumbent: Round, cfg: Config) -> None:
+    """What workers evaluate next: the incumbent's params, the objective, the search study it names."""
+    optimizer.search._open()
+    pool.publish(incumbent=dict(incumbent.params), search_study=optimizer.search.study_name,
+                 objective={"kind": "checks" if objective.kind == "checks" else "rubric",
+                            "criteria": sorted(objective.criteria)},
+                 llm_items=cfg.judge.monitor_sample if objective.kind == "checks" else None)
 
 
 def _evidence(history: list[Round], best: Round, test_base: Evaluation, test_best: Evaluation,

@@ -123,9 +123,11 @@ class Optimizer:
     lever is a gain (or a loss) the report can attribute."""
 
     def __init__(self, space: dict[str, ParamSpec], rubric: Rubric, role: Role, spec: OptimizerSpec, seed: int,
-                 cheap: Callable[[Params], float | None] | None = None):
+                 cheap: Callable[[Params], float | None] | None = None,
+                 storage: optuna.storages.BaseStorage | None = None, study: str | None = None):
         self.space, self.rubric, self.role, self.spec = space, rubric, role, spec
         self.seed, self.cheap = seed, cheap
+        self.storage, self.study = storage, study  # optimizer.storage: a shared, lasting study (studies.py)
         self.retrieval, self.other = search_space(space)
         if cheap is None:  # no cheap fidelity (a custom system under test): everything is stage 2
             self.other.update(self.retrieval)
@@ -153,7 +155,14 @@ class Optimizer:
 
         pruner = optuna.pruners.PercentilePruner(25.0, n_startup_trials=3, n_warmup_steps=0)
         baseline = {n: self.space[n].initial for n in [*self.retrieval, *self.other]}  # always carried
+        name = None
+        if self.storage is not None:  # one study per objective: values on another objective mean something else
+            import hashlib
+
+            what = hashlib.sha256(",".join(sorted(self.objective.criteria)).encode()).hexdigest()[:6]
+            name = f"{self.study or 'selftune'}-{'checks' if self.objective.kind == 'checks' else 'rubric'}-{what}"
         self.search = MultiFidelitySearch(self.retrieval, self.other, self.cheap or (lambda _: 0.0), seed=self.seed,
+                                          storage=self.storage, study_name=name,
                                           carry=self.spec.carry, pruner=pruner, baseline=baseline,
                                           screen_budget=4096,  # stage 1 costs no LM call: screen the grid whole
                                           n_startup_trials=3 if self.spec.sampler == "tpe" else 10 ** 6)
@@ -202,6 +211,21 @@ class Optimizer:
                 except ValueError:  # a setting outside the carried ones (an earlier search's): not replayed
                     pass
 
+    def settle(self, history: list[Round] | None) -> None:
+        """The tune is over: tell the search the last rounds (with a lasting study, no trial of ours may
+        stay RUNNING), or, with no history (the tune stopped mid-round), abandon the candidate in hand."""
+        if history is not None:
+            self._tell(history)
+        self.search.abandon()
+        self._cand = None
+
+    def _search_turn(self, index: int) -> bool:
+        return bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+
+    def stage2_turn(self, history: list[Round]) -> bool:
+        """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
+        return self._search_turn(history[-1].index + 1) and (self._first_move_done or not self.retrieval)
+
     def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
         """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
         self._history = history
@@ -209,7 +233,7 @@ class Optimizer:
         incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1
-        search_turn = bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+        search_turn = self._search_turn(index)
         if search_turn:
             move = self._first_move(incumbent) if not self._first_move_done else None
             self._first_move_done = True

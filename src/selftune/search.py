@@ -37,6 +37,10 @@ Contract
   evaluated elsewhere (e.g. a tune's round 0) as complete; it is not handed out again.
 - ``ledger``: cheap look-ups and full evaluations counted separately (``Ledger``).
 - Same arguments and same told values -> the same sequence of candidates (no global RNG).
+- ``storage`` + ``study_name``: the study lives in an Optuna storage (``studies.open_storage``) and is
+  continued when it exists. Stage 1's scores and the carry share are study user attrs, every evaluation
+  a trial, so a restarted search or another process sharing the study screens nothing again, is never
+  handed a candidate already evaluated, failed, or RUNNING in another process (see ``studies.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +61,13 @@ from optuna.trial import TrialState
 Value = Any  # a hashable scalar: int, float, str, bool or None
 Params = dict[str, Value]
 Key = tuple[tuple[str, Value], ...]
+STAGE1 = "selftune.stage1"  # study user attr: [[setting, cheap score], ...]
+CARRY = "selftune.carry"  # study user attr: the carry share after widening
+REPEAT = "selftune.repeat"  # trial user attr: a trial that holds no evaluation of its own (why)
+
+
+def _heartbeat(storage: optuna.storages.BaseStorage | None) -> bool:
+    return storage is not None and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
 class Exhausted(Exception):
@@ -130,6 +142,8 @@ class MultiFidelitySearch:
     baseline: Params | None = None
     pruner: optuna.pruners.BasePruner | None = None
     ledger: Ledger = field(default_factory=Ledger)
+    storage: optuna.storages.BaseStorage | None = None  # None: in memory (studies.open_storage makes one)
+    study_name: str | None = None  # with a storage: the study to create or continue
 
     def __post_init__(self) -> None:
         if set(self.retrieval) & set(self.other):
@@ -150,7 +164,10 @@ class MultiFidelitySearch:
         self._known: dict[Key, float] = {}  # full value per evaluated candidate
         self._failed: set[Key] = set()
         self._pending: dict[int, optuna.trial.Trial] = {}
+        self._beats: dict[int, tuple[threading.Event, threading.Thread]] = {}  # heartbeats of pending trials
+        self._in_flight: set[Key] = set()  # candidates another process is evaluating (RUNNING trials)
         self._study: optuna.Study | None = None
+        self._screening = False
 
     # ---- stage 1 -------------------------------------------------------------------------------
     def _setting(self, params: Mapping[str, Value]) -> Params:
@@ -161,17 +178,40 @@ class MultiFidelitySearch:
         if k not in self.scores:
             self.ledger.cheap += 1
             self.scores[k] = self.cheap(dict(setting))
+            if not self._screening:
+                self._save_scores()
         return self.scores[k]
 
+    def _save_scores(self) -> None:
+        """Stage 1's scores into the study (user attr ``selftune.stage1``), for every process sharing it."""
+        if self._study is not None:
+            self._study.set_user_attr(STAGE1, [[dict(k), v] for k, v in self.scores.items()])
+
+    def _load_scores(self) -> None:
+        """Merge the scores other processes saved (the cheap objective is deterministic: same values)."""
+        assert self._study is not None
+        for setting, v in self._study.user_attrs.get(STAGE1, []):
+            self.scores.setdefault(_key(setting), v)
+        self.carry = max(self.carry, float(self._study.user_attrs.get(CARRY, self.carry)))
+
     def screen(self) -> list[Params]:
-        """Run stage 1 (once); return the carried settings, best cheap score first."""
+        """Run stage 1 (once per study: a shared or restarted study hands back the scores it holds);
+        return the carried settings, best cheap score first."""
+        self._open()
+        if not self.scores:
+            self._load_scores()
         if not self.scores:
             names = list(self.retrieval)
             grid = [dict(zip(names, v)) for v in itertools.product(*(self.retrieval[n] for n in names))]
-            for setting in grid if len(grid) <= self.screen_budget else self._rng.sample(grid, self.screen_budget):
-                self._score(setting)
+            self._screening = True
+            try:
+                for setting in grid if len(grid) <= self.screen_budget else self._rng.sample(grid, self.screen_budget):
+                    self._score(setting)
+            finally:
+                self._screening = False
             if all(v is None for v in self.scores.values()):
                 raise RuntimeError("stage 1: the cheap objective failed on every retrieval setting screened")
+            self._save_scores()
         return self.carried
 
     def _threshold(self) -> float:
@@ -194,22 +234,90 @@ class MultiFidelitySearch:
         return out
 
     # ---- stage 2 -------------------------------------------------------------------------------
-    def _start(self) -> optuna.Study:
+    def _open(self) -> optuna.Study:
+        """The study: in memory, or created in (or loaded from) ``storage`` under ``study_name``. A new
+        study gets the baseline enqueued; a continued one already holds it."""
         if self._study is None:
-            self.screen()
             with warnings.catch_warnings():  # multivariate TPE is marked experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials,
                                                      multivariate=True)
             pruner = self.pruner or optuna.pruners.PercentilePruner(75.0, n_startup_trials=3, n_min_trials=3)
-            self._study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-            if self.baseline is not None:
+            self._study = optuna.create_study(storage=self.storage, study_name=self.study_name, load_if_exists=True,
+                                              direction="maximize", sampler=sampler, pruner=pruner)
+            if self.baseline is not None and not self._study.get_trials(deepcopy=False):
                 self._study.enqueue_trial(self.baseline)
         return self._study
+
+    def _start(self) -> optuna.Study:
+        study = self._open()
+        self.screen()
+        return study
+
+    def _sync(self, study: optuna.Study) -> None:
+        """What every process sharing the study has done: evaluated candidates (COMPLETE), failed ones
+        (FAIL, repeats aside), candidates being evaluated elsewhere (RUNNING, not ours), stage 1's
+        scores and the carry share."""
+        if self.storage is None:
+            return
+        if _heartbeat(self.storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a silent process's candidates: FAIL, re-queued
+        self._load_scores()
+        self._in_flight = set()
+        trials = study.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in [t.system_attrs.get("failed_trial"), *t.system_attrs.get(
+            "retry_history", [])] if n is not None}
+        for t in trials:
+            k = _key(t.params)
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                self._known.setdefault(k, t.value)
+            elif t.state == TrialState.FAIL and not t.user_attrs.get(REPEAT) and t.number not in retried:
+                self._failed.add(k)
+            elif t.state == TrialState.RUNNING and t.number not in self._pending and t.params:
+                self._in_flight.add(k)
+
+    def _beat(self, trial: optuna.trial.Trial) -> None:
+        """While a candidate is out, record a heartbeat every interval (Optuna's own heartbeat runs only
+        inside ``optimize``; ask/tell keeps it with the storage's public ``record_heartbeat``)."""
+        if not _heartbeat(self.storage):
+            return
+        storage: Any = self.storage
+        stop, every, trial_id = threading.Event(), storage.get_heartbeat_interval(), trial._trial_id
+
+        def beat() -> None:
+            while not stop.wait(every):
+                storage.record_heartbeat(trial_id)
+
+        storage.record_heartbeat(trial_id)  # the first before the candidate is handed out: never out unwatched
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+        thread.start()
+        self._beats[trial.number] = (stop, thread)
+
+    def _unbeat(self, number: int) -> None:
+        if number in self._beats:
+            stop, thread = self._beats.pop(number)
+            stop.set()
+            thread.join()
+
+    def _claimed_elsewhere(self, study: optuna.Study, number: int, k: Key) -> bool:
+        """Another process drew the same candidate since the last sync: any other trial holding it, running
+        or done. Checked after our own draw is stored, so of two processes drawing it at once the later
+        check sees the earlier draw: at most one evaluates it (both may step aside; neither is wrong)."""
+        if self.storage is None:
+            return False
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+            if t.number != number and not t.user_attrs.get(REPEAT) and t.params and _key(t.params) == k:
+                self._in_flight.add(k)
+                return True
+        return False
 
     def _widen(self, study: optuna.Study) -> None:
         if self.carry < 1:
             self.carry = min(1.0, self.carry + self.widen)
+            study.set_user_attr(CARRY, self.carry)
             return
         finite = [v for d in self._dists.values() if (v := _values(d)) is not None]
         if len(finite) < len(self._dists) or math.prod(len(v) for v in finite) > 100_000:
@@ -223,28 +331,39 @@ class MultiFidelitySearch:
     def ask(self) -> Candidate:
         """The next candidate: carried, and never one already evaluated."""
         study = self._start()
+        self._sync(study)
         idle = 0
         while True:
             if idle >= self.idle_draws:
                 self._widen(study)
                 idle = 0
-            trial = study.ask(self._dists)
+            with warnings.catch_warnings():  # Optuna expects heartbeats with optimize(); ours are kept below
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask(self._dists)
             params, setting = dict(trial.params), self._setting(trial.params)
             k = _key(params)
             if not self._carried(setting):
                 value = self.scores[_key(setting)]
                 if value is not None:
                     trial.report(value, 0)
+                trial.set_user_attr(REPEAT, "not carried")
                 study.tell(trial, state=TrialState.PRUNED)
             elif k in self._known:
+                trial.set_user_attr(REPEAT, "evaluated")
                 study.tell(trial, self._known[k])
-            elif k in self._failed:
+            elif k in self._failed or k in self._in_flight or self._claimed_elsewhere(study, trial.number, k):
+                trial.set_user_attr(REPEAT, "failed" if k in self._failed else "being evaluated elsewhere")
                 study.tell(trial, state=TrialState.FAIL)
             else:
                 self._pending[trial.number] = trial
+                self._beat(trial)
                 return Candidate(trial.number, params)
             self.ledger.repeats += 1
             idle += 1
+
+    def annotate(self, cand: Candidate, name: str, value: Any) -> None:
+        """Keep ``value`` on the candidate's trial (a user attr every process sharing the study can read)."""
+        self._pending[cand.number].set_user_attr(name, value)
 
     def report(self, cand: Candidate, step: int, value: float) -> None:
         if step < 1:
@@ -256,6 +375,7 @@ class MultiFidelitySearch:
 
     def tell(self, cand: Candidate, value: float | None) -> None:
         trial = self._pending.pop(cand.number)
+        self._unbeat(cand.number)
         assert self._study is not None
         if value is None:
             self.ledger.failed += 1
@@ -269,12 +389,26 @@ class MultiFidelitySearch:
     def prune(self, cand: Candidate) -> None:
         self.ledger.pruned += 1
         assert self._study is not None
+        self._unbeat(cand.number)
         self._study.tell(self._pending.pop(cand.number), state=TrialState.PRUNED)
+
+    def abandon(self) -> None:
+        """Close every candidate handed out and not told (the process is stopping): FAIL, marked as
+        holding no evaluation, so a shared or restarted study hands them out again."""
+        assert self._study is not None or not self._pending
+        for number, trial in list(self._pending.items()):
+            self._unbeat(number)
+            trial.set_user_attr(REPEAT, "abandoned: its evaluation did not end")
+            self._study.tell(trial, state=TrialState.FAIL)  # type: ignore[union-attr]
+            del self._pending[number]
 
     def add(self, params: Params, value: float) -> None:
         """Record a candidate evaluated elsewhere (e.g. the tune's baseline round) as complete."""
         study = self._start()
+        self._sync(study)
         self._score(self._setting(params))
+        if _key(params) in self._known:  # a continued study already holds it
+            return
         study.add_trial(optuna.trial.create_trial(params=params, distributions=self._dists, value=value))
         self._known[_key(params)] = value
 

@@ -69,8 +69,12 @@ class MlflowTracker:
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri())
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        # a tracking server keeps the artifacts where it serves them from (every machine reads the same);
+        # a local store keeps them in the workdir
+        remote = cfg.tracking_uri().startswith(("http://", "https://"))
+        where = None if remote else (cfg.workdir / "mlartifacts").resolve().as_uri()
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            cfg.tracking.experiment, artifact_location=(cfg.workdir / "mlartifacts").resolve().as_uri())
+            cfg.tracking.experiment, artifact_location=where)
         self.cfg = cfg
         self.parent_id: str | None = None
         self.criteria: list[str] = []
@@ -193,6 +197,8 @@ class MlflowTracker:
                                                                         "judge/swap/consistency", "judge/trusted"))})
         if "judge/verdict" in result.stats:  # trusted, untrusted or unproven
             self.client.set_tag(pid, "selftune.judge_state", result.stats["judge/verdict"].state)
+        if result.stats.get("optimizer/study"):  # the study's name, never the storage URL (it may hold a password)
+            self.client.set_tag(pid, "selftune.study", str(result.stats["optimizer/study"])[:PARAM_MAX])
         if result.stats.get("stopped_because"):
             self.client.set_tag(pid, "selftune.stopped_because", str(result.stats["stopped_because"])[:PARAM_MAX])
         if "judge/untrusted_because" in result.stats:

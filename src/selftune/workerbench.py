@@ -1,0 +1,110 @@
+"""``make bench`` (workers): wall time of the same tune in one process, with 1 worker and with 2 workers,
+against a model endpoint with a fixed latency per call.
+
+Every role is a model behind ``selftune.scripted``: a stdlib ``ThreadingHTTPServer`` answering
+``/v1/chat/completions`` on 127.0.0.1 after ``time.sleep(latency)`` per call (the wait of a hosted model,
+spent without CPU, so the figure measures how much of that wait workers overlap rather than this
+machine's load). Each run gets a fresh work directory (no response cache, index or study carried over),
+its own SQLite study (``optimizer.storage``), the demo corpus and the same seed and rounds. Reported per
+run: wall seconds, rounds, candidates gated from workers, calls served by the endpoint, and the speed-up
+over one process. Worker processes each load the embedder and build their own Session: a fixed cost
+that the latency has to outweigh.
+
+    python -m selftune.workerbench [--latency 0.3] [--rounds 6] [--probes 18] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import scripted
+from .demo_corpus import materialize
+
+TOPICS = ["assert", "pass", "break", "continue", "del", "return", "global", "raise"]
+
+
+def config(tmp: Path, base: str, rounds: int, probes: int) -> Path:
+    root = Path(__file__).resolve().parents[2]
+    rubric = root / "configs" / "rubrics" / "taste.yaml"
+    if not (tmp / "docs").is_dir():
+        materialize(tmp / "docs", TOPICS)
+    models = {r: {"model": f"openai/{m}", "api_base": base, "cache": False}
+              for r, m in (("generator", "gen"), ("sut", "sut"), ("judge", "judge"), ("optimizer", "opt"))}
+    cfg = {"name": "bench-workers", "seed": 0, "workdir": str(tmp / "work"), "corpus": {"path": str(tmp / "docs")},
+           "rubric": str(rubric), "probes": {"count": probes}, "models": models,
+           "sut": {"params": {"instructions": {"type": "text", "initial": "Answer from the context."},
+                              "top_k": {"type": "int", "low": 1, "high": 4, "initial": 2},
+                              "chunk_size": {"type": "choice", "choices": [300, 500], "initial": 500},
+                              "chunk_overlap": {"type": "choice", "choices": [0, 50], "initial": 50},
+                              "temperature": {"type": "choice", "choices": [0.0, 0.3, 0.7], "initial": 0.0}}},
+           "optimizer": {"rounds": rounds, "storage": f"sqlite:///{tmp / 'work' / 'optuna.db'}", "train_items": 8},
+           "gate": {"resamples": 500}}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(tmp: Path, base: str, rounds: int, probes: int, workers: int) -> dict[str, Any]:
+    path = config(tmp, base, rounds, probes)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         *filter(None, [os.environ.get("PYTHONPATH")])])}
+    before = scripted.Handler.calls
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "selftune.cli", "tune", str(path)] + (["--workers", str(workers)] if workers else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    seconds = time.monotonic() - t0
+    (tmp / "tune.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"tune with {workers} workers failed: {done.stderr[-2000:]}")
+    rounds_done = sum(1 for line in done.stdout.splitlines() if line.startswith("|") and line.split("|")[1].strip()
+                      .isdigit())
+    return {"workers": workers, "seconds": round(seconds, 1), "rounds": rounds_done - 1,
+            "from_workers": done.stdout.count("(a worker's)"), "calls_served": scripted.Handler.calls - before}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="wall time of one tune with 0 (in process), 1 and 2 workers")
+    ap.add_argument("--latency", type=float, default=0.3, help="seconds the endpoint sleeps per call")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--probes", type=int, default=18)
+    ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to time")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    server = scripted.serve(0, a.latency)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    results = []
+    try:
+        for n in (int(x) for x in a.workers.split(",")):
+            with tempfile.TemporaryDirectory(prefix="selftune-workerbench-") as tmp:
+                r = run(Path(tmp), base, a.rounds, a.probes, n)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        server.shutdown()
+    one = next((r["seconds"] for r in results if r["workers"] == 0), None)
+    for r in results:
+        r["speedup_vs_one_process"] = round(one / r["seconds"], 2) if one else None
+    summary = {"latency_s": a.latency, "rounds": a.rounds, "probes": a.probes, "runs": results}
+    print("workers | wall s | rounds | from workers | calls served | speed-up")
+    for r in results:
+        print(f"{r['workers']:>7} | {r['seconds']:>6} | {r['rounds']:>6} | {r['from_workers']:>12} | "
+              f"{r['calls_served']:>12} | {r['speedup_vs_one_process']}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
