@@ -6,6 +6,7 @@ Tracking observes the loop through the ``Observer`` protocol; this module never 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -141,32 +142,57 @@ class Session:
         return ev
 
     def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
-        """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
+        """Synthesize (or reuse, if the same corpus/generator/seed/mix made them before) and split; then
+        the human references a person gave (``selftune feedback``) replace the extractive ones."""
+        from . import probe_kinds as K
+        from .feedback import apply_human_references
+
         cfg = self.cfg
         gen = cfg.models.generator
         # Your own probes are part of the key: editing the file makes new splits.
         user_file = "-u" + hashlib.sha256(cfg.probes.file.read_bytes()).hexdigest()[:8] if cfg.probes.file else ""
+        shape = json.dumps({"mix": cfg.probes.mix, "personas": [p.model_dump() for p in cfg.probes.personas],
+                            "dedup": cfg.probes.dedup_similarity}, sort_keys=True)
+        mix = "-m" + hashlib.sha256(shape.encode()).hexdigest()[:8]
         key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
-               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{user_file}")
+               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{mix}"
+               f"{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
+        meta = cache.with_suffix(".stats.json")
         params = initial_params(cfg)
         if cache.is_file():
             probes = P.load_jsonl(cache)
             stats: dict[str, Any] = {"probes_reused": str(cache.name)}
+            if meta.is_file():
+                stats.update({k: v for k, v in json.loads(meta.read_text(encoding="utf-8")).items()
+                              if k.startswith(("kind/", "split_check/", "dedup/"))})
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
-            synth, stats = P.synthesize(base, self.models.role("generator"), cfg.probes.count, cfg.seed,
-                                        cfg.probes.count * cfg.probes.max_attempts_factor,
-                                        progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
+            synth, stats = K.make_probes(base, self.corpus.docs, self.models.role("generator"), cfg.probes.mix,
+                                         cfg.probes.count, cfg.seed, cfg.probes.count * cfg.probes.max_attempts_factor,
+                                         cfg.probes.personas, self.embedder.encode,
+                                         progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
             user = P.load_user_probes(cfg.probes.file) if cfg.probes.file else []
-            if len(synth + user) < 6:
-                raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); "
+            kept, dups = K.embedding_dedup(synth + user, self.embedder.encode, cfg.probes.dedup_similarity)
+            stats["dedup/dropped"] = len(dups)
+            if len(kept) < 6:
+                raise RuntimeError(f"only {len(kept)} usable probes were synthesized (need >= 6); "
                                    f"stats: {stats}")
-            probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
+            probes, check = K.cross_split(P.assign_splits(kept, cfg.probes.split, cfg.seed), self.embedder.encode,
+                                          cfg.probes.dedup_similarity)
+            stats.update(check)
             P.save_jsonl(probes, cache)
+            meta.write_text(json.dumps({k: v for k, v in stats.items() if isinstance(v, int | float | str)}),
+                            encoding="utf-8")
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
+        probes, n_human = apply_human_references(probes, cfg.workdir)
         stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
+        stats["probes_human_reference"] = sum(p.reference_origin == "human" and p.reference is not None
+                                              for p in probes)
+        stats["feedback/references_applied"] = n_human
+        stats.update({f"probes_kind/{k}": sum(p.kind == k for p in probes) for k in sorted({p.kind for p in probes})})
+        stats.update(K.coverage(probes, self.corpus.docs))
         return probes, stats
 
 
