@@ -155,3 +155,44 @@ def test_default_config_mix_is_valid():
     cfg = load_config(ROOT / "configs/rag.yaml") if (ROOT / "datasets/pyref").is_dir() else None
     if cfg is not None:
         assert sum(K.plan(cfg.probes.mix, cfg.probes.count).values()) == cfg.probes.count
+
+
+def test_a_tune_reports_kinds_the_split_check_coverage_and_mines_failures(tmp_path, corpus_dir):
+    from mlflow import MlflowClient
+
+    from conftest import FakeModels, no_progress, write_config
+    from selftune.loop import Session, tune
+    from selftune.tracking import MlflowTracker
+
+    path = write_config(tmp_path, corpus_dir, probes="{count: 12, mix: {single: 2, procedural: 1, keyword: 1, "
+                                                     "misspelled: 1, unanswerable: 1}, mine: 2, "
+                                                     "personas: [{name: novice, description: a beginner}]}")
+    cfg = load_config(path)
+    session = Session(cfg, models=FakeModels())
+    tracker = MlflowTracker(cfg)
+    result = tune(session, 2, tracker, no_progress)
+    st = result.stats
+    frozen_val = [j.answer.probe.id for j in result.rounds[0].val.judgments]
+    for r in result.rounds[1:]:
+        assert [j.answer.probe.id for j in r.val.judgments] == frozen_val[:len(r.val.judgments)]
+    assert st["mined/probes"] >= 1 and st["mined"] and all(p.split == "train" and p.mined_from for p in st["mined"])
+    assert not {p.id for p in st["mined"]} & {j.answer.probe.id for j in result.test_baseline.judgments}
+    text = tracker.report_dir.joinpath("report.md").read_text()
+    for needle in ("## Scores per probe kind", "## Scores per probe persona", "- cross-split check:",
+                   "- coverage (of 4 documents", "- probes with a human reference: 0", "- failure mining:"):
+        assert needle in text, needle
+    client = MlflowClient(cfg.tracking_uri())
+    m = client.get_run(tracker.parent_id).data.metrics
+    assert "kind/single/val_baseline" in m and "persona/novice/test_best" in m
+    assert {"split_check/dropped", "coverage/all/docs", "mined/probes"} <= set(m)
+    arts = {a.path for a in client.list_artifacts(tracker.parent_id, "probes")}
+    assert "probes/mined.jsonl" in arts
+    table = json.loads(open(client.download_artifacts(tracker.parent_id, "tables/test_baseline.json")).read())
+    assert {"kind", "persona", "reference_origin"} <= set(table["columns"])
+    # the same config reuses its probe set; a different mix makes a new one
+    again, _ = Session(cfg, models=FakeModels()).probes(no_progress)
+    assert {p.id for p in again} == {j.answer.probe.id for r in (result.rounds[0].val, result.test_baseline)
+                                     for j in r.judgments} | {p.id for p in again if p.split == "train"}
+    other = load_config(write_config(tmp_path, corpus_dir, probes="{count: 12, mix: {single: 1}}"))
+    Session(other, models=FakeModels()).probes(no_progress)
+    assert len(list((cfg.workdir / "probes").glob("*.jsonl"))) == 2

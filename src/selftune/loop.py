@@ -196,6 +196,38 @@ class Session:
         return probes, stats
 
 
+    def mine(self, failures: list[Probe], probes: list[Probe], seed: int) -> list[Probe]:
+        """Failure mining: one new *train* probe per failed one, of its kind, from the same documents
+        (the failed probe's sources). A mined probe near-duplicating any probe (a test or validation one
+        above all) is dropped, so validation and test stay frozen and unleaked."""
+        from . import probe_kinds as K
+
+        cfg = self.cfg
+        params = initial_params(cfg)
+        chunks = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
+        out: list[Probe] = []
+        for k, f in enumerate(failures):
+            docs = {f.source_doc, *(s.doc for s in f.more_sources)} - {""}
+            if not docs or f.kind not in K.GENERATORS:
+                continue
+            near = [c for c in chunks if c.doc in docs] if f.kind != "comparison" else chunks
+            try:
+                made, _ = K.make_probes(near, self.corpus.docs, self.models.role("generator"), {f.kind: 1.0}, 1,
+                                        seed * 1000 + k, 4, cfg.probes.personas, self.embedder.encode)
+            except Exception as err:  # noqa: BLE001 -- mining is best effort; the round goes on
+                log.warning("mining near %s failed: %s", f.id, err)
+                continue
+            known = {p.id for p in probes} | {p.id for p in out}
+            made = [m for m in made if m.id not in known]
+            if not made:
+                continue
+            everyone = [*probes, *out]
+            _, dups = K.embedding_dedup([*everyone, *made], self.embedder.encode, cfg.probes.dedup_similarity)
+            dropped = {d for d, _, _ in dups}
+            out += [m.model_copy(update={"split": "train", "mined_from": f.id}) for m in made if m.id not in dropped]
+        return out
+
+
 def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
     """Probes -> baseline -> stage 1 (retrieval screened on the cheap objective, no LM call) -> per
     round: proposal, validation answers on growing slices (a clearly losing candidate is pruned),
@@ -245,14 +277,29 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         base = base.model_copy(update={"judge_stats": dict(monitor.stats), "trusted": trusted})
         history = [base]
         observer.round(base)
+        mined_from: set[str] = set()
+        mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
             if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
                 stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
                 log.info("%s", stop_reason)
                 break
+            incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
+            if cfg.probes.mine:  # new train probes near the incumbent's failures, answered by the next incumbent
+                ledger.stage = "mining"
+                worst = sorted((j for j in incumbent.train.judgments if j.overall is not None and j.overall < 1.0
+                                and j.answer.probe.id not in mined_from), key=lambda j: j.overall or 0.0)
+                failures = [j.answer.probe for j in worst[:cfg.probes.mine]]
+                mined_from.update(p.id for p in failures)
+                new = session.mine(failures, probes, cfg.seed + i)
+                for p in new:
+                    doc = p.source_doc or (p.more_sources[0].doc if p.more_sources else "?")
+                    mined_docs[doc] = mined_docs.get(doc, 0) + 1
+                probes = new + probes  # first among train: the next train minibatch answers them
+                stats["mined/probes"] = stats.get("mined/probes", 0) + len(new)
+                stats["mined/failures_used"] = len(mined_from)
             ledger.stage = "optimizer"
             cand, notes = optimizer.propose(history)
-            incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             # below the trust bar the judge model scores only a monitoring sample: its scores cannot count
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             ledger.stage = "stage 2"
@@ -298,6 +345,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         test_base = session.evaluate(base.params, probes, "test", progress, llm_items=llm_items)
         test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress,
                                                                         llm_items=llm_items)
+        if cfg.probes.mine:
+            stats.setdefault("mined/probes", 0)
+            stats["mined/from"] = ", ".join(f"{d} {n}" for d, n in sorted(mined_docs.items(), key=lambda t: -t[1]))
+            stats["mined/kinds"] = ", ".join(sorted({p.kind for p in probes if p.mined_from}))
+            stats["mined"] = [p for p in probes if p.mined_from]  # logged as probes/mined.jsonl
         stats["index_collections_built"] = len(session.index.built)
         stats["bm25_indexes_built"] = len(session.index.bm25.built) if hasattr(session.index, "bm25") else 0
         stats["texts_embedded"] = session.embedder.encoded

@@ -209,6 +209,9 @@ class MlflowTracker:
         if result.best.index != 0:
             self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
         self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
+        if result.stats.get("mined"):
+            self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in result.stats["mined"]),
+                                 "probes/mined.jsonl")
         if self.traces is not None:
             self.traces.log(pid, "test-baseline", None, [result.test_baseline])
             if result.best.index != 0:
@@ -319,7 +322,8 @@ def group_lines(result: Any) -> list[str]:
                     if st.get("feedback/references_applied") else ""))
     if "mined/probes" in st:
         lines.append(f"- failure mining: {int(st['mined/probes'])} train probes made near the incumbent's failures"
-                     + (f" (from {st['mined/from']})" if st.get("mined/from") else ""))
+                     + (f" from {int(st.get('mined/failures_used', 0))} failures; documents: {st['mined/from']}"
+                        if st.get("mined/from") else ""))
     return lines
 
 
