@@ -24,7 +24,7 @@ def test_tune_review_feedback_tune_calibrate(tmp_path):
     cfg = yaml.safe_load((ROOT / "configs/rag.yaml").read_text())
     cfg.update(workdir=str(tmp_path / "work"), rubric=str(ROOT / "configs/rubrics/taste.yaml"),
                corpus={"path": str(tmp_path / "docs")})
-    cfg["probes"] = {**cfg["probes"], "count": 12, "file": None, "mine": 1}
+    cfg["probes"] = {**cfg["probes"], "count": 12, "file": None}
     cfg["sut"]["params"]["chunk_size"] = {"type": "choice", "choices": [300, 500], "initial": 500}
     cfg["optimizer"]["rounds"] = 1
     path = tmp_path / "cfg.yaml"

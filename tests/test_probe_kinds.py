@@ -75,6 +75,7 @@ def test_every_kind_is_made_with_its_own_evidence(corpus):
     assert all(", and " in p.question for p in by["multi"])
     assert all(p.question.startswith("How do I ") for p in by["procedural"])
     assert all("?" not in p.question for p in by["keyword"])
+    assert all(p.section.lower() in p.question.lower() or '"' in p.question for p in by["vague"])
     assert all(p.question == p.question.lower() and "?" not in p.question for p in by["misspelled"])
     assert stats["kind/single/made"] == len(by["single"]) and stats["attempts"] <= 400
     assert stats.get("procedural_generated", 0) + stats.get("procedural_extracted", 0) == len(by["procedural"])

@@ -134,12 +134,15 @@ def keywords(question: str, limit: int = 6) -> str:
     return " ".join(out[:limit])
 
 
-def _main_term(question: str, sentence: str) -> str:
-    names = names_in(question) or names_in(sentence)
+def _main_term(question: str, section: str) -> str:
+    """What a vague question is about: a name the question uses, else the section's title (what a person
+    knows they are reading about, without the specifics), else the question's keywords."""
+    names = names_in(question)
     if names:
         return f'"{names[0]}"'
-    shared = [w for w in re.findall(r"[A-Za-z]+", question) if w.lower() in P.content_words(sentence)]
-    return max(shared, key=len).lower() if shared else keywords(question, 2)
+    if section and section != "(top)":
+        return section[0].lower() + section[1:] if section.startswith("The ") else section
+    return keywords(question, 2)
 
 
 @dataclass
@@ -241,7 +244,7 @@ def gen_style(kind: str) -> Callable[[Context], Iterator[Probe | None]]:
             elif kind == "misspelled":
                 new = typos(q, ctx.rng)
             else:
-                new = ctx.rng.choice(_VAGUE).format(x=_main_term(q, base.reference or ""))
+                new = ctx.rng.choice(_VAGUE).format(x=_main_term(q, base.section))
             if len(new.split()) < 2 or ctx.duplicate(new):
                 ctx.count("dropped_duplicate")
                 yield None
