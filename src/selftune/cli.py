@@ -6,6 +6,8 @@
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
 - ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
+- ``selftune review CONFIG --out F``: the last tune's worst answers, with fields for a person to fill;
+- ``selftune feedback CONFIG --file F | --from-mlflow``: a person's edits and ratings back into the loop;
 - ``selftune ui [CONFIG]``: the MLflow UI on the config's store, offline-safe; prints the last tune's URL.
 
 Bad input exits with code 2 and one line naming file, key and expectation.
@@ -171,8 +173,66 @@ def judge_cmd(rubric: Path = typer.Option(..., help="rubric YAML"),
 
 
 @app.command()
+def review(config: Path, out: Path = typer.Option(..., help="review file to write (.jsonl; a .csv beside it)"),
+           round_: int = typer.Option(None, "--round", help="round of the last tune (default: its best)"),
+           worst: int = typer.Option(20, help="how many of the lowest-scored items")) -> None:
+    """Write the worst-scored answers of the last tune for a person to correct and rate."""
+    from .config import load_config
+    from .feedback import review_rows, write_review
+    from .rubric import load_rubric
+
+    try:
+        cfg = load_config(config)
+        _writable(out)
+        rubric = load_rubric(cfg.rubric)
+        rows = review_rows(cfg.tracking_uri(), cfg.tracking.experiment, rubric, round_, worst)
+        jsonl, csv_path = write_review(rows, out, rubric)
+    except InputError as err:
+        _fail(err)
+    typer.echo(f"wrote {len(rows)} items to review to {jsonl} and {csv_path}; fill in edited_answer, the ratings "
+               f"and comment, then: selftune feedback {config} --file <that file>")
+
+
+@app.command()
+def feedback(config: Path, file: Path = typer.Option(None, help="a filled-in review file (JSONL or CSV)"),
+             from_mlflow: bool = typer.Option(False, "--from-mlflow",
+                                              help="pull human assessments added on the items' traces")) -> None:
+    """Take a person's edits and ratings in: edited answers become human references, ratings labels."""
+    from .config import load_config
+    from .feedback import from_mlflow as pull, ingest, read_feedback
+    from .rubric import load_rubric
+
+    errors: list[InputError] = []
+    try:
+        cfg = load_config(config)
+        if (file is None) == (not from_mlflow):
+            raise InputError(config, "--file", "expected either --file FILE or --from-mlflow")
+        rubric = load_rubric(cfg.rubric)
+        if file is not None:
+            rows, errors = read_feedback(file, rubric)
+        else:
+            rows, problems = pull(cfg.tracking_uri(), cfg.tracking.experiment, cfg.workdir, rubric)
+            for p in problems:
+                typer.echo(f"warning: {p}", err=True)
+        counts = ingest(cfg.tracking_uri(), cfg.tracking.experiment, cfg.workdir, rows, file, len(errors))
+    except InputError as err:
+        _fail(err)
+    typer.echo(f"kept {counts['feedback/rows']} rows in {cfg.workdir / 'feedback'}: {counts['feedback/edits']} "
+               f"edited answers (human references from the next tune), {counts['feedback/ratings']} rated "
+               f"(labels for `calibrate --feedback`), {counts['feedback/comments']} comments; "
+               f"MLflow run {counts['feedback_run']}")
+    if errors:
+        for err in errors:
+            typer.echo(f"error: {err}", err=True)
+        typer.echo(f"{len(errors)} malformed rows were not taken (the good rows above are kept)", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
 def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
-              labels: Path = typer.Option(..., help="JSONL items with human `labels` per criterion"),
+              labels: Path = typer.Option(None, help="JSONL items with human `labels` per criterion"),
+              use_feedback: bool = typer.Option(False, "--feedback", help="also use the ratings given with "
+                                                                          "`selftune feedback` (needs --config)"),
               config: Path = typer.Option(None, help="take the judge model and MLflow store from this config"),
               align: bool = typer.Option(False, help="use half the labels as calibration examples; "
                                                      "report before/after on the rest"),
@@ -187,10 +247,18 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     try:
         if out is not None:
             _writable(out)
-        rows = read_items(labels, load_rubric(rubric), need_labels=True)
+        rows = read_items(labels, load_rubric(rubric), need_labels=True) if labels is not None else []
+        n_fed = 0
+        if use_feedback:
+            fed = _feedback_labels(config)
+            before = len(rows)
+            rows += read_items(fed, load_rubric(rubric), need_labels=True)
+            n_fed, labels = len(rows) - before, labels or fed
+        if not rows:
+            raise InputError(rubric, "--labels", "expected a labels file, or --feedback with --config")
         rt = judge_runtime(rubric, config, seed)
         try:
-            result = {"labels": str(labels), **run(rt.judge, rows, align, seed, progress)}
+            result = {"labels": str(labels), "feedback_items": n_fed, **run(rt.judge, rows, align, seed, progress)}
         finally:
             rt.close()
     except InputError as err:
@@ -204,6 +272,22 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def _feedback_labels(config: Path | None) -> Path:
+    """The ratings from `selftune feedback` as a labels file in the workdir (``feedback/labels.jsonl``)."""
+    from .config import load_config
+    from .feedback import calibration_rows
+
+    if config is None:
+        raise InputError("--feedback", "--config", "expected --config CONFIG (whose workdir holds the feedback)")
+    cfg = load_config(config)
+    rows = calibration_rows(cfg.workdir)
+    if not rows:
+        raise InputError(cfg.workdir / "feedback", "ratings", "no rated answers yet; run `selftune feedback` first")
+    path = cfg.workdir / "feedback" / "feedback-labels.jsonl"
+    _write_jsonl(path, rows)
+    return path
 
 
 @app.command()

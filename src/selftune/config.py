@@ -132,11 +132,48 @@ class SplitSpec(Strict):
     test: float = Field(0.3, gt=0)
 
 
+class Persona(Strict):
+    name: str = Field(min_length=1, max_length=60, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = Field(min_length=1, max_length=300,
+                             description="who asks, in a few words: the generator is told to write as them")
+
+
 class ProbeSpec(Strict):
     count: int = Field(30, ge=6, le=5000)
     split: SplitSpec = SplitSpec()
     file: Path | None = Field(None, description="optional JSONL of your own probes (question, reference)")
     max_attempts_factor: int = Field(4, ge=1, le=20)
+    mix: dict[str, float] = Field(
+        {"single": 1.0}, description="share of each probe kind (normalized): single, multi, comparison, procedural, "
+                                     "unanswerable, vague, misspelled, keyword")
+    personas: list[Persona] = Field([], description="who asks: each probe is written for one persona (seeded draw)")
+    dedup_similarity: float = Field(0.92, gt=0.0, le=1.0, description="questions at least this cosine-similar "
+                                                                      "(all-MiniLM) to a kept one are dropped, "
+                                                                      "also across splits")
+    mine: int = Field(0, ge=0, le=100, description="failure mining: new train probes per round, made near the "
+                                                   "incumbent's worst train items (same documents, same kinds)")
+
+    @field_validator("mix")
+    @classmethod
+    def _kinds(cls, v: dict[str, float]) -> dict[str, float]:
+        from .records import KINDS
+
+        for k, w in v.items():
+            if k not in KINDS:
+                raise ValueError(f"unknown probe kind {k!r}; expected some of {list(KINDS)}")
+            if not (isinstance(w, int | float) and w >= 0):
+                raise ValueError(f"the share of {k!r} must be a number >= 0, got {w!r}")
+        if not v or sum(v.values()) <= 0:
+            raise ValueError("expected at least one kind with a share > 0")
+        return v
+
+    @field_validator("personas")
+    @classmethod
+    def _unique(cls, v: list[Persona]) -> list[Persona]:
+        names = [p.name for p in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"persona names must be unique, got {names}")
+        return v
 
 
 class BudgetSpec(Strict):

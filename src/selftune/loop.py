@@ -6,6 +6,7 @@ Tracking observes the loop through the ``Observer`` protocol; this module never 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -149,33 +150,89 @@ class Session:
         return self.evaluate(ev.params, probes, ev.split, progress, limit=len(ev.judgments))
 
     def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
-        """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
+        """Synthesize (or reuse, if the same corpus/generator/seed/mix made them before) and split; then
+        the human references a person gave (``selftune feedback``) replace the extractive ones."""
+        from . import probe_kinds as K
+        from .feedback import apply_human_references
+
         cfg = self.cfg
         gen = cfg.models.generator
         # Your own probes are part of the key: editing the file makes new splits.
         user_file = "-u" + hashlib.sha256(cfg.probes.file.read_bytes()).hexdigest()[:8] if cfg.probes.file else ""
+        shape = json.dumps({"mix": cfg.probes.mix, "personas": [p.model_dump() for p in cfg.probes.personas],
+                            "dedup": cfg.probes.dedup_similarity}, sort_keys=True)
+        mix = "-m" + hashlib.sha256(shape.encode()).hexdigest()[:8]
         key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
-               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{user_file}")
+               f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{mix}"
+               f"{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
+        meta = cache.with_suffix(".stats.json")
         params = initial_params(cfg)
         if cache.is_file():
             probes = P.load_jsonl(cache)
             stats: dict[str, Any] = {"probes_reused": str(cache.name)}
+            if meta.is_file():
+                stats.update({k: v for k, v in json.loads(meta.read_text(encoding="utf-8")).items()
+                              if k.startswith(("kind/", "split_check/", "dedup/"))})
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
-            synth, stats = P.synthesize(base, self.models.role("generator"), cfg.probes.count, cfg.seed,
-                                        cfg.probes.count * cfg.probes.max_attempts_factor,
-                                        progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
+            synth, stats = K.make_probes(base, self.corpus.docs, self.models.role("generator"), cfg.probes.mix,
+                                         cfg.probes.count, cfg.seed, cfg.probes.count * cfg.probes.max_attempts_factor,
+                                         cfg.probes.personas, self.embedder.encode,
+                                         progress=lambda it: progress(it, desc="probes", total=cfg.probes.count))
             user = P.load_user_probes(cfg.probes.file) if cfg.probes.file else []
-            if len(synth + user) < 6:
-                raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); "
+            kept, dups = K.embedding_dedup(synth + user, self.embedder.encode, cfg.probes.dedup_similarity)
+            stats["dedup/dropped"] = len(dups)
+            if len(kept) < 6:
+                raise RuntimeError(f"only {len(kept)} usable probes were synthesized (need >= 6); "
                                    f"stats: {stats}")
-            probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
+            probes, check = K.cross_split(P.assign_splits(kept, cfg.probes.split, cfg.seed), self.embedder.encode,
+                                          cfg.probes.dedup_similarity)
+            stats.update(check)
             P.save_jsonl(probes, cache)
+            meta.write_text(json.dumps({k: v for k, v in stats.items() if isinstance(v, int | float | str)}),
+                            encoding="utf-8")
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
+        probes, n_human = apply_human_references(probes, cfg.workdir)
         stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
+        stats["probes_human_reference"] = sum(p.reference_origin == "human" and p.reference is not None
+                                              for p in probes)
+        stats["feedback/references_applied"] = n_human
+        stats.update({f"probes_kind/{k}": sum(p.kind == k for p in probes) for k in sorted({p.kind for p in probes})})
+        stats.update(K.coverage(probes, self.corpus.docs))
         return probes, stats
+
+    def mine(self, failures: list[Probe], probes: list[Probe], seed: int) -> list[Probe]:
+        """Failure mining: one new *train* probe per failed one, of its kind, from the same documents
+        (the failed probe's sources). A mined probe near-duplicating any probe (a test or validation one
+        above all) is dropped, so validation and test stay frozen and unleaked."""
+        from . import probe_kinds as K
+
+        cfg = self.cfg
+        params = initial_params(cfg)
+        chunks = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
+        out: list[Probe] = []
+        for k, f in enumerate(failures):
+            docs = {f.source_doc, *(s.doc for s in f.more_sources)} - {""}
+            if not docs or f.kind not in K.GENERATORS:
+                continue
+            near = [c for c in chunks if c.doc in docs] if f.kind != "comparison" else chunks
+            try:
+                made, _ = K.make_probes(near, self.corpus.docs, self.models.role("generator"), {f.kind: 1.0}, 1,
+                                        seed * 1000 + k, 4, cfg.probes.personas, self.embedder.encode)
+            except Exception as err:  # noqa: BLE001 -- mining is best effort; the round goes on
+                log.warning("mining near %s failed: %s", f.id, err)
+                continue
+            known = {p.id for p in probes} | {p.id for p in out}
+            made = [m for m in made if m.id not in known]
+            if not made:
+                continue
+            everyone = [*probes, *out]
+            _, dups = K.embedding_dedup([*everyone, *made], self.embedder.encode, cfg.probes.dedup_similarity)
+            dropped = {d for d, _, _ in dups}
+            out += [m.model_copy(update={"split": "train", "mined_from": f.id}) for m in made if m.id not in dropped]
+        return out
 
 
 @dataclass
@@ -273,6 +330,8 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
             _publish(pool, optimizer, objective, base, cfg)
             if workers is not None and workers.config is not None:
                 pool.spawn(workers.config, workers.n, cfg.workdir)
+        mined_from: set[str] = set()
+        mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
             if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
                 stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
@@ -284,8 +343,21 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
                 log.info("%s", stop_reason)
                 break
             round_started = time.perf_counter()
-            ledger.stage = "optimizer"
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
+            if cfg.probes.mine:  # new train probes near the incumbent's failures, answered by the next incumbent
+                ledger.stage = "mining"
+                worst = sorted((j for j in incumbent.train.judgments if j.overall is not None and j.overall < 1.0
+                                and j.answer.probe.id not in mined_from), key=lambda j: j.overall or 0.0)
+                failures = [j.answer.probe for j in worst[:cfg.probes.mine]]
+                mined_from.update(p.id for p in failures)
+                new = session.mine(failures, probes, cfg.seed + i)
+                for p in new:
+                    doc = p.source_doc or (p.more_sources[0].doc if p.more_sources else "?")
+                    mined_docs[doc] = mined_docs.get(doc, 0) + 1
+                probes = new + probes  # first among train: the next train minibatch answers them
+                stats["mined/probes"] = stats.get("mined/probes", 0) + len(new)
+                stats["mined/failures_used"] = len(mined_from)
+            ledger.stage = "optimizer"
             # below the trust bar the judge model scores only a monitoring sample: its scores cannot count
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             reported = None
@@ -357,6 +429,11 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
         test_base = session.evaluate(base.params, probes, "test", progress, llm_items=llm_items)
         test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress,
                                                                         llm_items=llm_items)
+        if cfg.probes.mine:
+            stats.setdefault("mined/probes", 0)
+            stats["mined/from"] = ", ".join(f"{d} {n}" for d, n in sorted(mined_docs.items(), key=lambda t: -t[1]))
+            stats["mined/kinds"] = ", ".join(sorted({p.kind for p in probes if p.mined_from}))
+            stats["mined"] = [p for p in probes if p.mined_from]  # logged as probes/mined.jsonl
         stats["index_collections_built"] = len(session.index.built)
         stats["bm25_indexes_built"] = len(session.index.bm25.built) if hasattr(session.index, "bm25") else 0
         stats["texts_embedded"] = session.embedder.encoded

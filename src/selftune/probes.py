@@ -22,7 +22,7 @@ from .lm import Role, ask_json
 from .records import Chunk, Probe, Split
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SYNTH_VERSION = 4  # part of the probe cache key: bump when synthesis changes
+SYNTH_VERSION = 6  # part of the probe cache key: bump when synthesis changes
 # A sentence may wrap over single line breaks (wrapped text), never over a blank line.
 _SENT = re.compile(r"(?:[^.!?\n]|\n(?![ \t]*\n))+[.!?]")
 
@@ -39,11 +39,13 @@ DEMOS = [  # written for this project, not taken from any corpus
 ]
 
 
-def write_question(role: Role, sentence: str) -> str:
+def write_question(role: Role, sentence: str, persona: str | None = None) -> str:
+    """The generator's question for ``sentence``; ``persona`` (a description) says who asks it."""
     turns: list[tuple[str, str]] = []
     for s, q in DEMOS:
         turns += [("user", f"Sentence: {s}"), ("assistant", json.dumps({"question": q}))]
-    obj, text = ask_json(role, QUESTION_SYSTEM, [*turns, ("user", f"Sentence: {sentence}")], QUESTION_SCHEMA)
+    system = QUESTION_SYSTEM + (f" Write it as it would be asked by {persona}." if persona else "")
+    obj, text = ask_json(role, system, [*turns, ("user", f"Sentence: {sentence}")], QUESTION_SCHEMA)
     return str(obj["question"]) if obj and "question" in obj else text
 
 
@@ -165,7 +167,8 @@ def load_user_probes(path: Path) -> list[Probe]:
             raise InputError(path, f"line {n}.{unknown[0]}", "unknown key; expected question, reference, answerable")
         pid = hashlib.sha256(row["question"].encode()).hexdigest()[:12]
         out.append(Probe(id=pid, question=row["question"].strip(), reference=ref or None, reference_origin="human",
-                         answerable=answerable))
+                         answerable=answerable, kind="single" if answerable else "unanswerable", persona="hand-written",
+                         verified="" if answerable else f"hand-written in {path.name}"))
     return out
 
 

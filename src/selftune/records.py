@@ -35,11 +35,27 @@ class Chunk(Frozen):
         return self.doc == doc and self.start < end and start < self.end
 
 
+class Span(Frozen):
+    """A character span ``[start, end)`` of one document: a probe's further known source."""
+
+    doc: str
+    start: int
+    end: int
+
+
+Kind = Literal["single", "multi", "comparison", "procedural", "unanswerable", "vague", "misspelled", "keyword"]
+KINDS: tuple[str, ...] = ("single", "multi", "comparison", "procedural", "unanswerable", "vague", "misspelled",
+                          "keyword")
+
+
 class Probe(Frozen):
     """A question with a known source span, so retrieval can be checked under any chunking.
 
     ``reference`` is the source sentence the question was written from (extractive reference),
-    or a human's gold answer, which replaces it (``reference_origin == "human"``).
+    or a human's gold answer, which replaces it (``reference_origin == "human"``; the extractive one is
+    kept in ``extractive_reference``). ``kind`` says how it was made (``probe_kinds``), ``persona`` for
+    whom; a multi-passage or comparison probe records its second passage in ``more_sources``; an
+    unanswerable one says in ``verified`` how the corpus was checked not to answer it.
     """
 
     id: str
@@ -52,6 +68,13 @@ class Probe(Frozen):
     source_chunk_ids: tuple[str, ...] = ()
     split: Split = "train"
     answerable: bool = True  # False: the corpus does not answer it; the right reply is "I don't know"
+    kind: Kind = "single"
+    persona: str = ""
+    more_sources: tuple[Span, ...] = ()
+    section: str = ""  # the heading above the source span (coverage)
+    verified: str = ""  # unanswerable: how it was checked that the corpus does not answer it
+    extractive_reference: str | None = None  # the source sentence(s), kept when a human reference replaces it
+    mined_from: str = ""  # failure mining: the id of the incumbent's failed train probe it was made near
 
 
 class Answer(Frozen):

@@ -199,7 +199,8 @@ def _assessments(j: Judgment, where: Where, src: Sources) -> list[Any]:
     if p.reference:
         human = p.reference_origin == "human"
         out.append(Expectation(name="expected_response", value=p.reference, metadata=run, source=AssessmentSource(
-            "HUMAN" if human else "CODE", "probes.file" if human else "source sentence")))
+            "HUMAN" if human else "CODE", ("selftune.feedback" if p.extractive_reference else "probes.file") if human
+            else "source sentence")))
     if p.source_doc:
         out.append(Expectation(name="expected_source", value={"doc": p.source_doc, "start": p.source_start,
                                                               "end": p.source_end, "answerable": p.answerable},
@@ -213,7 +214,8 @@ def _info(tid: str, j: Judgment, where: Where, src: Sources, start: int, end: in
 
     a, p = j.answer, j.answer.probe
     tags = {TraceTagKey.TRACE_NAME: "item", "selftune.split": p.split, "selftune.run": where.label,
-            "selftune.probe_id": p.id, "selftune.valid": str(j.valid).lower()}
+            "selftune.probe_id": p.id, "selftune.valid": str(j.valid).lower(), "selftune.kind": p.kind,
+            "selftune.persona": p.persona or "none"}
     if where.round is not None:
         tags["selftune.round"] = str(where.round)
     if j.flags:

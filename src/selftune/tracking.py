@@ -32,7 +32,8 @@ def judgments_frame(ev: Evaluation) -> pd.DataFrame:
     for j in ev.judgments:
         a, p = j.answer, j.answer.probe
         row: dict[str, Any] = {
-            "probe_id": p.id, "split": ev.split, "question": p.question, "reference": p.reference or "",
+            "probe_id": p.id, "split": ev.split, "kind": p.kind, "persona": p.persona or "none",
+            "question": p.question, "reference": p.reference or "", "reference_origin": p.reference_origin,
             "answer": a.text, "error": a.error or "", "contexts": json.dumps([c.text for c in a.contexts]),
             "context_ids": json.dumps([c.id for c in a.contexts]), "overall": j.overall,
             "capped_by": ",".join(j.capped_by), "seconds": round(a.seconds, 3),
@@ -191,7 +192,10 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        top = ("judge/", "checks/", "alarms/", "calls/", "time/", "search/", "gate/", "objective/", "gain/", "rounds/")
+        for (cut, value, split, label), v in by_group(result).items():
+            m[f"{cut}/{value}/{split}_{label}"] = v
+        top = ("judge/", "checks/", "alarms/", "calls/", "time/", "search/", "gate/", "objective/", "gain/", "rounds/",
+               "coverage/", "split_check/", "dedup/", "mined/", "feedback/", "probes_kind/")
         m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
@@ -211,6 +215,9 @@ class MlflowTracker:
         if result.best.index != 0:
             self.client.log_table(pid, judgments_frame(result.test_best), "tables/test_best.json")
         self.client.log_table(pid, rounds_frame(result.rounds), "tables/rounds.json")
+        if result.stats.get("mined"):
+            self.client.log_text(pid, "".join(p.model_dump_json() + "\n" for p in result.stats["mined"]),
+                                 "probes/mined.jsonl")
         if self.traces is not None:
             self.traces.log(pid, "test-baseline", None, [result.test_baseline])
             if result.best.index != 0:
@@ -261,6 +268,71 @@ def rounds_frame(rounds: list[Round]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def by_group(result: Any) -> dict[tuple[str, str, str, str], float]:
+    """Mean overall per probe kind and per persona: {(``kind``|``persona``, value, split, baseline|best): mean}
+    on validation and the held-out test."""
+    out: dict[tuple[str, str, str, str], float] = {}
+    evs = (("val", "baseline", result.rounds[0].val), ("val", "best", result.best.val),
+           ("test", "baseline", result.test_baseline), ("test", "best", result.test_best))
+    for cut in ("kind", "persona"):
+        for split, label, ev in evs:
+            groups: dict[str, list[float]] = {}
+            for j in ev.judgments:
+                if j.overall is not None:
+                    key = getattr(j.answer.probe, cut) or "none"
+                    groups.setdefault(key, []).append(j.overall)
+            for key, vals in groups.items():
+                out[(cut, key, split, label)] = sum(vals) / len(vals)
+    return out
+
+
+def group_lines(result: Any) -> list[str]:
+    """The report's tables: score per probe kind and per persona (validation and test, baseline -> best,
+    with the item counts), then the probes' quality: duplicates, the cross-split check, coverage."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    g = by_group(result)
+    lines: list[str] = []
+    for cut in ("kind", "persona"):
+        values = sorted({k[1] for k in g if k[0] == cut})
+        if not values or (cut == "persona" and values == ["none"]):
+            continue
+        count = {(s, v): sum((getattr(j.answer.probe, cut) or "none") == v for j in ev.judgments)
+                 for s, ev in (("val", result.rounds[0].val), ("test", result.test_baseline)) for v in values}
+        lines += ["", f"## Scores per probe {cut}", "",
+                  f"| {cut} | val n | val baseline | val best | test n | test baseline | test best |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {count[('val', v)]} | {fmt(g.get((cut, v, 'val', 'baseline')))} | "
+                  f"{fmt(g.get((cut, v, 'val', 'best')))} | {count[('test', v)]} | "
+                  f"{fmt(g.get((cut, v, 'test', 'baseline')))} | {fmt(g.get((cut, v, 'test', 'best')))} |"
+                  for v in values]
+    st = result.stats
+    lines += ["", "## Probes", ""]
+    kinds = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("probes_kind/")}
+    if kinds:
+        lines.append("- probes per kind: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+    if "dedup/dropped" in st:
+        lines.append(f"- near-duplicates dropped (cosine >= {st.get('split_check/threshold', 0):.2f}, "
+                     f"all-MiniLM-L6-v2): {int(st['dedup/dropped'])}")
+    if "split_check/compared" in st:
+        lines.append(f"- cross-split check: {int(st['split_check/compared'])} train/validation probes against "
+                     f"{int(st['split_check/test'])} test probes; {int(st['split_check/dropped'])} near-duplicates "
+                     f"of a test probe dropped; highest similarity left {st['split_check/max_similarity']:.3f}")
+    if "coverage/docs_total" in st:
+        per = sorted({k.split("/")[1] for k in st if k.startswith("coverage/") and k.count("/") == 2})
+        lines.append(f"- coverage (of {int(st['coverage/docs_total'])} documents, "
+                     f"{int(st['coverage/sections_total'])} sections): " + "; ".join(
+                         f"{k} {int(st[f'coverage/{k}/docs'])} documents, {int(st[f'coverage/{k}/sections'])} "
+                         "sections" for k in (["all"] + [k for k in per if k != "all"])))
+    lines.append(f"- probes with a human reference: {int(st.get('probes_human_reference', 0))}"
+                 + (f" ({int(st['feedback/references_applied'])} from `selftune feedback`)"
+                    if st.get("feedback/references_applied") else ""))
+    if "mined/probes" in st:
+        lines.append(f"- failure mining: {int(st['mined/probes'])} train probes made near the incumbent's failures"
+                     + (f" from {int(st.get('mined/failures_used', 0))} failures; documents: {st['mined/from']}"
+                        if st.get("mined/from") else ""))
+    return lines
+
+
 def report(result: Any) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# selftune report", "", rounds_frame(result.rounds).to_markdown(index=False) if _has_tabulate()
@@ -297,6 +369,7 @@ def report(result: Any) -> str:
                      "promotion used deterministic criteria only")
     elif "judge/trusted" in st:
         lines.append("- judge within the trust bar: its scores counted for promotion")
+    lines += group_lines(result)
     if verdict is not None and verdict.figures:
         lines += ["", f"## Judge trust bar: {state}", "", *verdict.table()]
     return "\n".join(lines) + "\n"
