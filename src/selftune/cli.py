@@ -1,6 +1,7 @@
 """Command line. It parses arguments, calls the module that owns the work, and prints:
 
-- ``selftune tune CONFIG``: probes, rounds, promotion, the held-out test report; all logged to MLflow;
+- ``selftune tune CONFIG [--resume]``: probes, rounds, promotion, the held-out test report; all logged to
+  MLflow; ``--resume`` continues the last unfinished tune of the config (``resume.py``);
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
 - ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
@@ -29,32 +30,57 @@ def _fail(err: InputError) -> None:
 
 @app.command()
 def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer.rounds"),
-         corpus: Path = typer.Option(None, help="point the config at another folder of documents")) -> None:
-    """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow."""
+         corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
+         resume: bool = typer.Option(False, help="continue the last unfinished tune of this config in its MLflow "
+                                                 "run (calls it made are read from the response cache)")) -> None:
+    """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow.
+    One tune per workdir: a second is refused. SIGTERM stops it like Ctrl-C (parent run KILLED)."""
     from .config import load_config
+    from .workdir import WorkdirLock, exit_code, sigterm_as_interrupt
 
+    lock = None
     try:
-        cfg = load_config(config, corpus)
-        setup(cfg.workdir)
-        from .loop import Session, tune as run_tune, write_best
-        from .tracking import MlflowTracker
+        with sigterm_as_interrupt():
+            cfg = load_config(config, corpus)
+            lock = WorkdirLock(cfg.workdir, f"tune {config}").acquire()
+            setup(cfg.workdir)
+            from .loop import Session, tune as run_tune, write_best
+            from .resume import check_resume, last_unfinished, reap_stale
+            from .runtime import TuneProgress
+            from .tracking import MlflowTracker
 
-        from .runtime import TuneProgress
-
-        session = Session(cfg)
-        tracker = MlflowTracker(cfg)
-        bars = TuneProgress()
-        try:
-            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars)
-        finally:
-            bars.close()
-            session.close()
+            for rid in reap_stale(cfg):
+                typer.echo(f"marked KILLED: tune run {rid}, left RUNNING by a process that died", err=True)
+            previous = last_unfinished(cfg) if resume else None
+            if resume and previous is None:
+                typer.echo(f"nothing to resume: the last tune of '{cfg.name}' in {cfg.workdir} finished (or there "
+                           "is none); starting a new tune", err=True)
+            if previous is not None:
+                check_resume(cfg, previous)  # before any model is loaded
+            session = Session(cfg)
+            try:
+                if previous is not None:
+                    check_resume(cfg, previous, session.corpus.digest)
+                    typer.echo(f"resuming tune run {previous.info.run_id} (stopped: "
+                               f"{previous.data.tags.get('selftune.aborted', previous.info.status)})", err=True)
+                tracker = MlflowTracker(cfg, resume=previous.info.run_id if previous is not None else None)
+                bars = TuneProgress()
+                try:
+                    result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars)
+                finally:
+                    bars.close()
+            finally:
+                session.close()
+            write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
     except InputError as err:
         _fail(err)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished rounds are kept in MLflow", err=True)
-        raise typer.Exit(130) from None
-    write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
+    except KeyboardInterrupt as err:
+        typer.echo(f"{'terminated (SIGTERM)' if exit_code(err) == 143 else 'interrupted'}: finished rounds are kept in "
+                   "MLflow; `selftune tune CONFIG --resume` continues", err=True)
+        raise typer.Exit(exit_code(err)) from None
+    finally:
+        if lock is not None:
+            lock.release()
     from .tracking import report
 
     typer.echo(report(result))
@@ -72,8 +98,12 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
     """Answer your own questions with the pipeline and score them with the rubric."""
     from .config import initial_params, load_config, load_params
 
+    from .workdir import WorkdirLock
+
+    lock = None
     try:
         cfg = load_config(config, corpus)
+        lock = WorkdirLock(cfg.workdir, f"eval {config}").acquire()  # it may build index collections
         setup(cfg.workdir)
         from .loop import Session, load_demos
         from .probes import load_user_probes
@@ -98,6 +128,9 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
             session.close()
     except InputError as err:
         _fail(err)
+    finally:
+        if lock is not None:
+            lock.release()
     from .loop import eval_rows
 
     _write_jsonl(out, eval_rows(ev))

@@ -149,10 +149,16 @@ class Session:
         key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
                f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
+        # the calls that made them, counted again when they are reused (as the ledger counts a cached
+        # call), so a rerun or a resumed tune spends its budget and reports its calls as the first did
+        calls = cache.with_suffix(".calls")
         params = initial_params(cfg)
+        ledger, made = self.ledger, self.ledger.by_stage.get("probes", 0)
         if cache.is_file():
             probes = P.load_jsonl(cache)
             stats: dict[str, Any] = {"probes_reused": str(cache.name)}
+            if calls.is_file():
+                ledger.by_stage["probes"] = made + int(calls.read_text())
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
             synth, stats = P.synthesize(base, self.models.role("generator"), cfg.probes.count, cfg.seed,
@@ -163,7 +169,9 @@ class Session:
                 raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); "
                                    f"stats: {stats}")
             probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
-            P.save_jsonl(probes, cache)
+            calls.parent.mkdir(parents=True, exist_ok=True)
+            calls.write_text(str(ledger.by_stage.get("probes", 0) - made))
+            P.save_jsonl(probes, cache)  # last, and whole or not at all: the cache's presence means done
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
         stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
@@ -181,6 +189,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
     probes, stats = session.probes(progress)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
     stats["corpus_skipped"] = len(session.corpus.skipped)
+    stats["corpus_digest"] = session.corpus.digest  # tagged on the run: a resume checks the documents
     if session.corpus.skipped:
         stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)
