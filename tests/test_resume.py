@@ -155,3 +155,25 @@ def test_sigterm_stops_like_ctrl_c_and_one_tune_per_workdir(tmp_path, server):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith(f"error: {changed}: gate.resamples: changed since the tune being resumed "
                                      f"(run {run.info.run_id}): 200 -> 300")
+
+
+def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from selftune.errors import InputError
+    from selftune.workdir import WorkdirLock
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from selftune.workdir import WorkdirLock; lock = WorkdirLock(Path(sys.argv[1]), 'tune x.yaml').acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), SRC], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=rf"in use by selftune tune x.yaml \(pid {holder.pid}, since "):
+            WorkdirLock(tmp_path, "eval y.yaml").acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait(30)
+    with WorkdirLock(tmp_path, "tune z.yaml") as lock:
+        assert f"selftune tune z.yaml (pid {os.getpid()}" in lock.path.read_text()
+        with pytest.raises(InputError):  # one holder at a time, within one process too
+            WorkdirLock(tmp_path, "tune z.yaml").acquire()
+    WorkdirLock(tmp_path, "tune z.yaml").acquire().release()

@@ -44,11 +44,13 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
             cfg = load_config(config, corpus)
             lock = WorkdirLock(cfg.workdir, f"tune {config}").acquire()
             setup(cfg.workdir)
+            from .lm import check_credentials
             from .loop import Session, tune as run_tune, write_best
             from .resume import check_resume, last_unfinished, reap_stale
             from .runtime import TuneProgress
             from .tracking import MlflowTracker
 
+            check_credentials(cfg)  # a missing key is reported before the store is touched
             for rid in reap_stale(cfg):
                 typer.echo(f"marked KILLED: tune run {rid}, left RUNNING by a process that died", err=True)
             previous = last_unfinished(cfg) if resume else None

@@ -49,8 +49,11 @@ def start_tags(cfg: Config) -> dict[str, str]:
 
 
 def _client_and_experiment(cfg: Config) -> tuple[Any, str | None]:
+    """The store's client and the experiment's id (None, and no store created, when there is none yet)."""
     from mlflow import MlflowClient
 
+    if cfg.tracking.uri is None and not (cfg.workdir / "mlflow.db").is_file():
+        return None, None
     client = MlflowClient(tracking_uri=cfg.tracking_uri())
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     return client, exp.experiment_id if exp else None
@@ -87,10 +90,9 @@ def last_unfinished(cfg: Config) -> Any | None:
     client, exp = _client_and_experiment(cfg)
     if exp is None:
         return None
-    runs = client.search_runs([exp], filter_string=f"tags.`selftune.kind` = 'tune' and "
-                                                   f"tags.`selftune.config` = '{cfg.name}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
-    latest = next((r for r in runs if _mine(cfg, r)), None)
+    runs = client.search_runs([exp], filter_string="tags.`selftune.kind` = 'tune'",
+                              order_by=["attributes.start_time DESC"], max_results=1000)
+    latest = next((r for r in runs if r.data.tags.get("selftune.config") == cfg.name and _mine(cfg, r)), None)
     return latest if latest is not None and latest.info.status != "FINISHED" else None
 
 

@@ -76,7 +76,13 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``Terminated`` (the previous handler is restored after)."""
+    """Within the block, SIGTERM raises ``Terminated`` (the previous handler is restored after). Off
+    the main thread (a command called from a worker thread) signals cannot be handled: a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
