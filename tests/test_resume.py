@@ -155,6 +155,15 @@ def test_sigterm_stops_like_ctrl_c_and_one_tune_per_workdir(tmp_path, server):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith(f"error: {changed}: gate.resamples: changed since the tune being resumed "
                                      f"(run {run.info.run_id}): 200 -> 300")
+    # so does an edited rubric (the config names the same file)
+    cfg = _config(tmp_path, server)
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(rubric.read_text() + "\n# edited\n")
+    refused = _run(cfg, "--resume")
+    assert refused.returncode == 2 and refused.stderr == (f"error: {rubric}: edited since the tune being resumed "
+                                                          f"(run {run.info.run_id}); undo the edit, or run without "
+                                                          "--resume to start a new tune\n")
+    assert _tunes(work)[0].info.status == "KILLED"  # a refused resume leaves the stopped run as it was
 
 
 def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
