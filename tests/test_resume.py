@@ -113,7 +113,10 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     assert "SIGKILL" in parent.data.tags["selftune.resume1"] and "selftune.aborted" not in parent.data.tags
     # the resumed tune is the uninterrupted one: same rounds, same promotions, same held-out report
     assert _report(res.stdout) == _report(ref.stdout)
-    assert parent.data.metrics["calls/total"] == _tunes(tmp_path / "ref" / "work")[0].data.metrics["calls/total"]
+    (whole,) = _tunes(tmp_path / "ref" / "work")
+    assert set(parent.data.metrics) == set(whole.data.metrics)  # the probes' synthesis stats too
+    assert parent.data.metrics["calls/total"] == whole.data.metrics["calls/total"]
+    assert parent.data.metrics["calls/probes"] == whole.data.metrics["calls/probes"] > 0
     # paid twice: only the judge's start-up probe (every start sends it) and the call the kill cut off
     paid = Counter(server.bodies(start))
     assert sum(paid.values()) == len(server.requests) - start > middle - start

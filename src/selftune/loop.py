@@ -6,6 +6,7 @@ Tracking observes the loop through the ``Observer`` protocol; this module never 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -149,16 +150,17 @@ class Session:
         key = (f"{self.corpus.digest}-{gen.model.replace('/', '_')}-{cfg.probes.count}-{cfg.seed}"
                f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
-        # the calls that made them, counted again when they are reused (as the ledger counts a cached
-        # call), so a rerun or a resumed tune spends its budget and reports its calls as the first did
-        calls = cache.with_suffix(".calls")
+        # how they were made (the synthesis stats and the calls it took), kept beside them: the calls
+        # are counted again when the probes are reused (as the ledger counts a cached call), so a rerun
+        # or a resumed tune spends its budget and reports its calls and stats as the first did
+        made_by = cache.with_suffix(".stats.json")
         params = initial_params(cfg)
-        ledger, made = self.ledger, self.ledger.by_stage.get("probes", 0)
+        ledger, before = self.ledger, self.ledger.by_stage.get("probes", 0)
         if cache.is_file():
             probes = P.load_jsonl(cache)
-            stats: dict[str, Any] = {"probes_reused": str(cache.name)}
-            if calls.is_file():
-                ledger.by_stage["probes"] = made + int(calls.read_text())
+            stats: dict[str, Any] = json.loads(made_by.read_text()) if made_by.is_file() else {}
+            ledger.by_stage["probes"] = before + int(stats.pop("calls", 0))
+            stats["probes_reused"] = str(cache.name)
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
             synth, stats = P.synthesize(base, self.models.role("generator"), cfg.probes.count, cfg.seed,
@@ -169,8 +171,8 @@ class Session:
                 raise RuntimeError(f"only {len(synth + user)} usable probes were synthesized (need >= 6); "
                                    f"stats: {stats}")
             probes = P.assign_splits(synth + user, cfg.probes.split, cfg.seed)
-            calls.parent.mkdir(parents=True, exist_ok=True)
-            calls.write_text(str(ledger.by_stage.get("probes", 0) - made))
+            made_by.parent.mkdir(parents=True, exist_ok=True)
+            made_by.write_text(json.dumps({**stats, "calls": ledger.by_stage.get("probes", 0) - before}))
             P.save_jsonl(probes, cache)  # last, and whole or not at all: the cache's presence means done
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
