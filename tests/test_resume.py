@@ -124,6 +124,8 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     assert ref_calls - paid == Counter()
     probe = next(b for b in extra if "What does the pass statement do?" in b)
     assert extra == Counter({probe: 1, in_flight: 1}), sorted(extra.values())
+    print(f"\nrequests: uninterrupted tune {sum(ref_calls.values())}; killed {middle - start} + resumed "
+          f"{len(server.requests) - middle}; ledger calls/total {int(whole.data.metrics['calls/total'])} both")
     assert _lock_is_free(work)
 
 
