@@ -191,3 +191,37 @@ def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
         with pytest.raises(InputError):  # one holder at a time, within one process too
             WorkdirLock(tmp_path, "tune z.yaml").acquire()
     WorkdirLock(tmp_path, "tune z.yaml").acquire().release()
+
+
+def test_a_replay_that_differs_from_the_record_stops_the_resume(tmp_path, corpus_dir):
+    """In process, on fake models: the tracker checks each replayed round against its child run. The
+    same models replay the tune into the same parent (no round logged twice); a round whose record differs
+    from its replay stops the resume (FAILED) instead of mixing two tunes in one record."""
+    from conftest import FakeModels, no_progress
+    from selftune.config import load_config
+    from selftune.loop import Session, tune
+    from selftune.tracking import MlflowTracker
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    first = MlflowTracker(cfg)
+    tune(Session(cfg, models=FakeModels()), 2, first, no_progress)
+    client = MlflowClient(cfg.tracking_uri())
+    pid = first.parent_id
+
+    def children() -> list:
+        return client.search_runs([first.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pid}'")
+
+    again = MlflowTracker(cfg, resume=pid)
+    tune(Session(cfg, models=FakeModels()), 2, again, no_progress)
+    assert again.parent_id == pid and not again.done and len(children()) == 3
+    assert client.get_run(pid).info.status == "FINISHED" and client.get_run(pid).data.tags["selftune.resumes"] == "1"
+
+    # a record the replay cannot match (as if another tune had logged round 1): the resume stops
+    (one,) = [c for c in children() if c.data.tags["selftune.round"] == "1"]
+    was = one.data.tags["selftune.promoted"]
+    client.set_tag(one.info.run_id, "selftune.promoted", str(was != "True"))
+    with pytest.raises(RuntimeError, match=r"round 1 replayed differently from its record"):
+        tune(Session(cfg, models=FakeModels()), 2, MlflowTracker(cfg, resume=pid), no_progress)
+    run = client.get_run(pid)
+    assert run.info.status == "FAILED" and "replayed differently" in run.data.tags["selftune.aborted"]
+    assert len(children()) == 3
