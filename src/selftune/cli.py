@@ -1,7 +1,8 @@
 """Command line. It parses arguments, calls the module that owns the work, and prints:
 
-- ``selftune tune CONFIG [--workers N]``: probes, rounds, promotion, the held-out test report; all logged to
-  MLflow; with N worker processes evaluating stage-2 candidates through the shared study;
+- ``selftune tune CONFIG [--resume] [--workers N]``: probes, rounds, promotion, the held-out test report; all
+  logged to MLflow; ``--resume`` continues the last unfinished tune of the config (``resume.py``); with N
+  worker processes evaluating stage-2 candidates through the shared study;
 - ``selftune worker CONFIG``: evaluate candidates for a tune of CONFIG running elsewhere (``workers.py``);
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
@@ -34,36 +35,65 @@ def _fail(err: InputError) -> None:
 @app.command()
 def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer.rounds"),
          corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
+         resume: bool = typer.Option(False, help="continue the last unfinished tune of this config in its MLflow "
+                                                 "run (calls it made are read from the response cache)"),
          workers: int = typer.Option(0, min=0, max=64, help="evaluate stage-2 candidates in N local worker "
                                                             "processes through the shared study")) -> None:
-    """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow."""
+    """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow.
+    One tune per workdir: a second is refused. SIGTERM stops it like Ctrl-C (parent run KILLED)."""
     from .config import load_config
+    from .workdir import WorkdirLock, exit_code, sigterm_as_interrupt
 
+    lock = None
     try:
-        cfg = load_config(config, corpus)
-        setup(cfg.workdir)
-        from .loop import Session, Workers, tune as run_tune, write_best
-        from .tracking import MlflowTracker
+        with sigterm_as_interrupt():
+            cfg = load_config(config, corpus)
+            lock = WorkdirLock(cfg.workdir, f"tune {config}").acquire()
+            setup(cfg.workdir)
+            from .lm import check_credentials
+            from .loop import Session, Workers, tune as run_tune, write_best
+            from .resume import check_resume, last_unfinished, reap_stale
+            from .runtime import TuneProgress
+            from .tracking import MlflowTracker
 
-        from .runtime import TuneProgress
-
-        session = Session(cfg)
-        tracker = MlflowTracker(cfg)
-        bars = TuneProgress()
-        try:
-            pool = Workers(workers, config if corpus is None else None) if workers else None
-            if pool is not None and corpus is not None:
-                raise InputError(config, "--corpus", "cannot be combined with --workers (workers read the config)")
-            result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars, pool)
-        finally:
-            bars.close()
-            session.close()
+            check_credentials(cfg)  # a missing key is reported before the store is touched
+            for rid in reap_stale(cfg):
+                typer.echo(f"marked KILLED: tune run {rid}, left RUNNING by a process that died", err=True)
+            previous = last_unfinished(cfg) if resume else None
+            if resume and previous is None:
+                typer.echo(f"nothing to resume: the last tune of '{cfg.name}' in {cfg.workdir} finished (or there "
+                           "is none); starting a new tune", err=True)
+            if previous is not None:
+                check_resume(cfg, previous)  # before any model is loaded
+            session = Session(cfg)
+            try:
+                if previous is not None:
+                    check_resume(cfg, previous, session.corpus.digest)
+                    typer.echo(f"resuming tune run {previous.info.run_id} (stopped: "
+                               f"{previous.data.tags.get('selftune.aborted', previous.info.status)})", err=True)
+                tracker = MlflowTracker(cfg, resume=previous.info.run_id if previous is not None else None)
+                bars = TuneProgress()
+                try:
+                    pool = Workers(workers, config if corpus is None else None) if workers else None
+                    if pool is not None and corpus is not None:
+                        raise InputError(config, "--corpus", "cannot be combined with --workers (workers read the "
+                                                             "config)")
+                    result = run_tune(session, cfg.optimizer.rounds if rounds is None else rounds, tracker, bars,
+                                      pool)
+                finally:
+                    bars.close()
+            finally:
+                session.close()
+            write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
     except InputError as err:
         _fail(err)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished rounds are kept in MLflow", err=True)
-        raise typer.Exit(130) from None
-    write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
+    except KeyboardInterrupt as err:
+        typer.echo(f"{'terminated (SIGTERM)' if exit_code(err) == 143 else 'interrupted'}: finished rounds are kept in "
+                   "MLflow; `selftune tune CONFIG --resume` continues", err=True)
+        raise typer.Exit(exit_code(err)) from None
+    finally:
+        if lock is not None:
+            lock.release()
     from .tracking import report
 
     typer.echo(report(result))
@@ -101,8 +131,12 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
     """Answer your own questions with the pipeline and score them with the rubric."""
     from .config import initial_params, load_config, load_params
 
+    from .workdir import WorkdirLock
+
+    lock = None
     try:
         cfg = load_config(config, corpus)
+        lock = WorkdirLock(cfg.workdir, f"eval {config}").acquire()  # it may build index collections
         setup(cfg.workdir)
         from .loop import Session, load_demos
         from .probes import load_user_probes
@@ -127,6 +161,9 @@ def eval_(config: Path, questions: Path = typer.Option(..., help="JSONL: questio
             session.close()
     except InputError as err:
         _fail(err)
+    finally:
+        if lock is not None:
+            lock.release()
     from .loop import eval_rows
 
     _write_jsonl(out, eval_rows(ev))

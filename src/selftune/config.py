@@ -261,7 +261,7 @@ class JudgeSpec(Strict):
     mode: Literal["pointwise", "pairwise"] = Field(
         "pointwise", description="pairwise: LLM criteria promote by candidate-vs-incumbent comparisons in both orders")
     flag_cap: float | None = Field(0.0, ge=0.0, le=1.0, description="cap on an answer flagged as gaming the judge")
-    retest_sample: int = Field(10, ge=0, le=1000, description="items re-judged (cache bypassed) for test-retest")
+    retest_sample: int = Field(10, ge=0, le=1000, description="items re-judged (a second sample) for test-retest")
     swap_sample: int = Field(6, ge=0, le=1000, description="validation probes compared in both orders per round")
     monitor_sample: int = Field(8, ge=0, le=1000, description="below the trust bar, items per evaluation the judge "
                                                              "model still scores (to keep measuring it)")

@@ -166,14 +166,17 @@ class Session:
                f"-{cfg.probes.split.train}-{cfg.probes.split.val}-{cfg.probes.split.test}-v{P.SYNTH_VERSION}{mix}"
                f"{user_file}")
         cache = cfg.workdir / "probes" / f"{key}.jsonl"
-        meta = cache.with_suffix(".stats.json")
+        # how they were made (the synthesis stats, the split check, the calls it took), kept beside them:
+        # the calls are counted again when the probes are reused (as the ledger counts a cached call), so a
+        # rerun or a resumed tune spends its budget and reports its calls and stats as the first did
+        made_by = cache.with_suffix(".stats.json")
         params = initial_params(cfg)
+        ledger, before = self.ledger, self.ledger.by_stage.get("probes", 0)
         if cache.is_file():
             probes = P.load_jsonl(cache)
-            stats: dict[str, Any] = {"probes_reused": str(cache.name)}
-            if meta.is_file():
-                stats.update({k: v for k, v in json.loads(meta.read_text(encoding="utf-8")).items()
-                              if k.startswith(("kind/", "split_check/", "dedup/"))})
+            stats: dict[str, Any] = json.loads(made_by.read_text(encoding="utf-8")) if made_by.is_file() else {}
+            ledger.by_stage["probes"] = before + int(stats.pop("calls", 0))
+            stats["probes_reused"] = str(cache.name)
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
             synth, stats = K.make_probes(base, self.corpus.docs, self.models.role("generator"), cfg.probes.mix,
@@ -189,9 +192,10 @@ class Session:
             probes, check = K.cross_split(P.assign_splits(kept, cfg.probes.split, cfg.seed), self.embedder.encode,
                                           cfg.probes.dedup_similarity)
             stats.update(check)
-            P.save_jsonl(probes, cache)
-            meta.write_text(json.dumps({k: v for k, v in stats.items() if isinstance(v, int | float | str)}),
-                            encoding="utf-8")
+            made_by.parent.mkdir(parents=True, exist_ok=True)
+            made_by.write_text(json.dumps({**{k: v for k, v in stats.items() if isinstance(v, int | float | str)},
+                                           "calls": ledger.by_stage.get("probes", 0) - before}), encoding="utf-8")
+            P.save_jsonl(probes, cache)  # last, and whole or not at all: the cache's presence means done
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
         probes, n_human = apply_human_references(probes, cfg.workdir)
@@ -258,6 +262,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
     probes, stats = session.probes(progress)
     stats["index_collections_built_before_rounds"] = len(session.index.built)
     stats["corpus_skipped"] = len(session.corpus.skipped)
+    stats["corpus_digest"] = session.corpus.digest  # tagged on the run: a resume checks the documents
     if session.corpus.skipped:
         stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)

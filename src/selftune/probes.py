@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -180,8 +181,12 @@ def digest(probes: list[Probe]) -> str:
 
 
 def save_jsonl(probes: list[Probe], path: Path) -> None:
+    """Atomically (a temporary file renamed over ``path``): a process killed mid-write leaves no
+    truncated probe set for the next run to load."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(p.model_dump_json() + "\n" for p in probes), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(p.model_dump_json() + "\n" for p in probes), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_jsonl(path: Path) -> list[Probe]:

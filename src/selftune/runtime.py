@@ -18,6 +18,7 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
     "LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAGAS_DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ASYNC_LOGGING": "false", "DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a refused resume reads the old config: one line, no bar
 }
 NOISY = ("httpx", "LiteLLM", "litellm", "chromadb", "sentence_transformers", "alembic", "mlflow", "dspy")
 

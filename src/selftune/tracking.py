@@ -66,7 +66,10 @@ def eval_metrics(ev: Evaluation, criteria: list[str]) -> dict[str, float]:
 
 
 class MlflowTracker:
-    def __init__(self, cfg: Config):
+    """``resume``: the id of an unfinished tune's parent run to continue (``tune --resume``): the loop
+    replays the tune, and each round with a finished child run is checked against it, not logged again."""
+
+    def __init__(self, cfg: Config, resume: str | None = None):
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri())
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -82,14 +85,24 @@ class MlflowTracker:
         self.incumbent_val = 0.0
         self.traces: TraceLogger | None = None  # per-item traces (tracking.traces), set up in start()
         self.report_dir: Path | None = None  # where finish() wrote report.html
+        self.resume = resume
+        self.done: dict[int, Any] = {}  # round index -> the finished child run of a resumed tune
 
     def start(self, cfg: Config, rubric: Rubric, probes: list[Probe], stats: dict[str, Any]) -> None:
         from . import probes as P
 
         self.criteria = [c.name for c in rubric.criteria]
         self.incumbent_val = 0.0
+        if self.resume is not None:
+            self._reattach(self.resume, P.digest(probes))
+            if cfg.tracking.traces:
+                self.traces = TraceLogger(cfg.tracking_uri(), self.experiment_id, sources_for(cfg, rubric))
+            return
+        from .resume import start_tags
+
+        tags = {**start_tags(cfg), "selftune.corpus_digest": str(stats.get("corpus_digest", ""))}
         run = self.client.create_run(self.experiment_id, run_name=f"tune-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"selftune.kind": "tune", "selftune.config": cfg.name})
+                                     tags={"selftune.kind": "tune", "selftune.config": cfg.name, **tags})
         self.parent_id = pid = run.info.run_id
         params = {"seed": cfg.seed, "corpus": str(cfg.corpus.path), "embedder": cfg.embedder,
                   "rounds": cfg.optimizer.rounds, "probes_hash": P.digest(probes), "rubric": rubric.name,
@@ -111,6 +124,43 @@ class MlflowTracker:
             self.traces = TraceLogger(cfg.tracking_uri(), self.experiment_id, sources_for(cfg, rubric))
             self.traces.datasets(pid, probes, P.digest)
 
+    def _reattach(self, pid: str, probes_hash: str) -> None:
+        """Continue the parent run ``pid``: its finished child runs are the rounds to replay; a child
+        left unfinished by the stopped process is deleted (its round is run again)."""
+        from .errors import InputError
+
+        parent = self.client.get_run(pid)
+        if parent.data.params.get("probes_hash") != probes_hash:
+            raise InputError(self.cfg.source or "config", "probes", f"the probes differ from those of the tune being "
+                                                                    f"resumed (run {pid}); run without --resume")
+        children = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pid}'")
+        for child in children:
+            index = int(child.data.tags.get("selftune.round", -1))
+            if child.info.status == "FINISHED" and index >= 0 and index not in self.done:
+                self.done[index] = child
+            else:
+                self.client.delete_run(child.info.run_id)
+        self.parent_id = pid
+        resumes = int(parent.data.tags.get("selftune.resumes", "0")) + 1
+        why = parent.data.tags.get("selftune.aborted", "")
+        self.client.update_run(pid, status="RUNNING")
+        self.client.log_batch(pid, tags=[RunTag("selftune.resumes", str(resumes)),
+                                         RunTag(f"selftune.resume{resumes}", f"after {len(self.done)} finished rounds; "
+                                                                             f"stopped by: {why}"[:PARAM_MAX])])
+        if why:
+            self.client.delete_tag(pid, "selftune.aborted")
+
+    def _replayed(self, rnd: Round) -> None:
+        """A round the resumed tune replayed: it must be the one recorded, or the two are not one tune."""
+        child = self.done.pop(rnd.index)
+        params = {k: str(v)[:PARAM_MAX] for k, v in rnd.params.items()}
+        promoted = str(rnd.gate.promote)
+        if child.data.params != params or child.data.tags.get("selftune.promoted") != promoted:
+            diff = sorted(k for k in set(params) | set(child.data.params) if params.get(k) != child.data.params.get(k))
+            raise RuntimeError(f"resume: round {rnd.index} replayed differently from its record (params {diff}, "
+                               f"promoted {child.data.tags.get('selftune.promoted')} -> {promoted}); the tune cannot "
+                               "be continued: run without --resume to start a new one")
+
     def _log_probe_inputs(self, run_id: str, probes: list[Probe]) -> None:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
@@ -127,6 +177,11 @@ class MlflowTracker:
 
     def round(self, rnd: Round) -> None:
         assert self.parent_id is not None
+        if rnd.index in self.done:  # replayed by a resumed tune: checked, already logged
+            self._replayed(rnd)
+            if rnd.gate.promote:
+                self.incumbent_val = self._val_of(rnd)
+            return
         child = self.client.create_run(self.experiment_id, run_name=f"round-{rnd.index:02d}",
                                        tags={"mlflow.parentRunId": self.parent_id, "selftune.round": str(rnd.index),
                                              "selftune.promoted": str(rnd.gate.promote),
@@ -240,7 +295,7 @@ class MlflowTracker:
         if self.parent_id is None:
             return
         self.client.set_tag(self.parent_id, "selftune.aborted", reason[:PARAM_MAX])
-        status = "KILLED" if reason.startswith("KeyboardInterrupt") else "FAILED"
+        status = "KILLED" if reason.startswith(("KeyboardInterrupt", "Terminated")) else "FAILED"
         self.client.set_terminated(self.parent_id, status)
 
 

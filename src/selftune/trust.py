@@ -65,8 +65,8 @@ class Monitor:
                 or (isinstance(c, RagasCriterion) and c.metric in LLM_METRICS)]
 
     def retest(self, evals: list[Evaluation]) -> dict[str, float]:
-        """Re-judge up to ``retest_sample`` items (cache bypassed, new fences); flip rate and score SD
-        pooled over the model-scored criteria, and per criterion."""
+        """Re-judge up to ``retest_sample`` items (a second sample: past the first judgment's cache
+        entry, new fences); flip rate and score SD pooled over the model-scored criteria, and per criterion."""
         panel = self.judge.panel
         if not self.model_scored or self.spec.retest_sample == 0 or panel is None:
             return {}
@@ -75,7 +75,7 @@ class Monitor:
                  if j.answer.error is None and any(j.scores.get(n, UNSCORED) != UNSCORED for n in names)]
         rng = random.Random(self.seed)
         sample = rng.sample(items, min(self.spec.retest_sample, len(items)))
-        again = self.judge.variant(roles=[r.with_lm(r.lm.copy(cache=False)) for r in panel.roles],
+        again = self.judge.variant(roles=[r.with_lm(_second_sample(r.lm)) for r in panel.roles],
                                    seed=self.seed + 7919)
         first_all: list[float] = []
         second_all: list[float] = []
@@ -292,3 +292,15 @@ def objective_for(rubric: Rubric, verdict: Verdict, mode: str, flag_cap: float |
     if mode == "pairwise" and rubric.llm_criteria():
         return pairwise(rubric, flag_cap)
     return whole_rubric(rubric, flag_cap)
+
+
+def _second_sample(lm: Any) -> Any:
+    """``lm`` with DSPy's ``rollout_id``: a request it makes misses the first judgment's cache entry
+    (a fresh sample) but is cached under its own key, so a replayed tune (``tune --resume``) reads the
+    retest back instead of paying for it again. At temperature 0 the id still splits the cache key;
+    DSPy's warning that it then changes no sampling is expected here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="rollout_id has no effect")
+        return lm.copy(rollout_id=1)
