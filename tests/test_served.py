@@ -78,6 +78,7 @@ def _served_config(tmp: Path, base: str) -> Path:
                corpus={"path": str(tmp / "docs")}, probes={"count": 6})
     cfg["sut"]["params"]["chunk_size"] = {"type": "choice", "choices": [300, 500], "initial": 500}
     cfg["optimizer"]["rounds"] = 1
+    del cfg["sut"]["params"]["repeat_penalty"]  # llama.cpp's own knob: a served sut is refused it (config.py)
     for role, spec in cfg["models"].items():  # same temperatures and lengths as the local tune
         cfg["models"][role] = {**spec, "model": "openai/smollm2-135m", "api_base": base, "api_key_env": KEY_ENV}
     path = tmp / "cfg.yaml"
