@@ -6,7 +6,8 @@
 - ``selftune calibrate --rubric R --labels L``: agreement of the judge with human labels;
 - ``selftune ui [CONFIG]``: the MLflow UI on the config's store, offline-safe; prints the last tune's URL.
 
-Bad input exits with code 2 and one line naming file, key and expectation.
+Bad input exits with code 2 and one line naming file, key and expectation; a tune stopped because a
+role fails on too many items exits with code 3 and one line saying why.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 
 from .errors import InputError
 from .runtime import progress, setup
+from .spend import TuneStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tune RAG pipelines against your rubric.")
 
@@ -54,6 +56,9 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
     except KeyboardInterrupt:
         typer.echo("interrupted: finished rounds are kept in MLflow", err=True)
         raise typer.Exit(130) from None
+    except TuneStopped as err:  # e.g. a role failing on too many items: one line, finished rounds kept
+        typer.echo(f"stopped: {err}; finished rounds are kept in MLflow", err=True)
+        raise typer.Exit(3) from None
     write_best(cfg.best_path(), result.best.params, getattr(session.sut, "demo_pool", None))
     from .tracking import report
 

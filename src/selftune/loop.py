@@ -128,17 +128,67 @@ class Session:
         """Answer and judge the probes of ``split`` in their fixed order (the first ``limit`` only, if
         given). ``llm_items``: only the first that many are scored by the judge model (a monitoring
         sample). ``stop`` is asked after each of ``steps`` items; True ends the evaluation there (the
-        candidate was pruned). Per-item failures are recorded; all failing raises."""
+        candidate was pruned). Per-item failures are recorded; all failing raises.
+
+        Concurrency: the items run in batches, the answers of a batch in a pool of the SUT role's
+        ``concurrency`` (the built-in pipeline only; a system of your own answers one item at a time),
+        then its judgments in a pool of the judge's. A batch never crosses a step, every judge fence token
+        is drawn in item order before the batch is judged (``Judge.reserve``), and results are collected
+        in item order, so the evaluation (order, prompts, cache keys, seeds) is the sequential one.
+
+        A role whose calls fail (after their retries) on more than its ``max_failed_share`` of the items
+        stops the tune (``spend.TuneStopped``), as soon as that share is certain to be exceeded."""
+        from .spend import TuneStopped
+
         items = [p for p in probes if p.split == split][:limit]
+        ledger = self.ledger
+        sut_workers = self.models.role("sut").concurrency if isinstance(self.sut, RAG) else 1
+        judge_workers = self.judge.concurrency
+        size = max(sut_workers, judge_workers)
+        bounds = sorted({k for k in steps if 0 < k < len(items)} | {len(items)}) if stop is not None else [len(items)]
+        ticks = iter(progress(items, desc=f"{split:5s}", leave=False))
+        failed: dict[str, int] = {}
+
+        def answer(p: Probe) -> tuple[Any, set[str]]:
+            ledger.item()
+            return self.sut.answer(p, params), ledger.failed_roles()
+
+        def grade(job: tuple[Any, list[str], bool]) -> tuple[Judgment, set[str]]:
+            ledger.item()
+            return self.judge.judge(job[0], llm=job[2], tokens=job[1]), ledger.failed_roles()
+
         judgments: list[Judgment] = []
-        for k, p in enumerate(progress(items, desc=f"{split:5s}", leave=False)):
-            judgments.append(self.judge.judge(self.sut.answer(p, params), llm=llm_items is None or k < llm_items))
+        start = 0
+        while start < len(items):
+            end = min(start + size, next(b for b in bounds if b > start))
+            answered = _run(answer, items[start:end], sut_workers)
+            llm = [llm_items is None or k < llm_items for k in range(start, end)]
+            jobs = [(a, self.judge.reserve(a, use), use) for (a, _), use in zip(answered, llm)]  # in item order
+            graded = _run(grade, jobs, judge_workers)
+            for (_, seen_answering), (j, seen_judging) in zip(answered, graded):
+                judgments.append(j)
+                next(ticks, None)
+                for role in seen_answering | seen_judging:
+                    failed[role] = failed.get(role, 0) + 1
+            for role, n in failed.items():
+                share = self._failed_share(role)
+                if n > share * len(items):
+                    raise TuneStopped(f"{role} calls failed on {n} of {len(items)} {split} items (more than "
+                                      f"max_failed_share {share:g}, after retries); last error: "
+                                      f"{ledger.errors.get(role, '?')}"[:400])
+            start = end
             if stop is not None and len(judgments) in steps and len(judgments) < len(items) and stop(judgments):
                 break
+        next(ticks, None)  # a progress bar counts an item when asked for the next one: count the last
         ev = Evaluation(params=params, split=split, judgments=tuple(judgments))
         if judgments and all(j.answer.error for j in judgments):
             raise RuntimeError(f"every {split} item failed; first error: {judgments[0].answer.error}")
         return ev
+
+    def _failed_share(self, role: str) -> float:
+        """The ``max_failed_share`` of the role named ``role`` (0.5 for a role this session did not build)."""
+        roles = [self.models.role("sut")] + list(self.judge.panel.roles if self.judge.panel else [])
+        return next((r.max_failed_share for r in roles if r.name == role and hasattr(r, "max_failed_share")), 0.5)
 
     def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
         """Synthesize (or reuse, if the same corpus/generator/seed made them before) and split."""
@@ -170,7 +220,33 @@ class Session:
         return probes, stats
 
 
+def _run(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
+    """``[fn(j) for j in jobs]``, at most ``workers`` at once, results in the order of ``jobs``. Each job
+    runs in a copy of the caller's context (DSPy's settings, e.g. the ledger as usage tracker, are
+    context variables a plain worker thread would not see)."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="selftune") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, fn, j) for j in jobs]
+        return [f.result() for f in futures]
+
+
 def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
+    """``run_tune`` with the spend caps of the config checked before every LM call (``spend.Caps``) and
+    the ledger as DSPy's usage tracker (tokens and dollars of every billed call, by role)."""
+    import dspy
+
+    from .spend import Caps
+
+    session.ledger.limit(Caps.of(session.cfg))
+    with dspy.context(usage_tracker=session.ledger):
+        return run_tune(session, rounds, observer, progress)
+
+
+def run_tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:
     """Probes -> baseline -> stage 1 (retrieval screened on the cheap objective, no LM call) -> per
     round: proposal, validation answers on growing slices (a clearly losing candidate is pruned),
     judgments, trust verdict, objective, gate -> the held-out test, touched once at the end to report.
@@ -220,9 +296,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         history = [base]
         observer.round(base)
         for i in range(1, rounds + 1):
-            if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
-                stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
-                log.info("%s", stop_reason)
+            if ledger.exhausted:  # a cap reached during the last candidate: it finished, no new one starts
+                stop_reason = f"{ledger.exhausted} after {i - 1} candidates"
+                log.warning("%s", stop_reason)
                 break
             ledger.stage = "optimizer"
             cand, notes = optimizer.propose(history)
@@ -283,6 +359,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         stats["calls/total"] = ledger.total
         if spec.budget.calls is not None:
             stats["calls/budget"] = spec.budget.calls
+        stats.update(_spend_stats(ledger))
         stats.update({f"search/{k}": v for k, v in optimizer.ledger().items()})
         moves = history[1:]
         stats["rounds/search"] = sum(any(n.startswith("search") for n in r.notes) for r in moves)
@@ -301,6 +378,18 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress) 
         raise
     observer.finish(result)
     return result
+
+
+def _spend_stats(ledger: CallLedger) -> dict[str, Any]:
+    """What each role spent (``calls/role/<role>``, ``tokens/<role>``, ``usd/<role>``) and in all, and the
+    calls that failed after their retries (``failures/<role>``)."""
+    out: dict[str, Any] = {}
+    for role, s in sorted(ledger.spend.items()):
+        out.update({f"calls/role/{role}": s.calls, f"tokens/{role}": s.tokens, f"usd/{role}": s.usd})
+    total = ledger.totals()
+    out.update({"tokens/total": total.tokens, "usd/total": total.usd})
+    out.update({f"failures/{role}": n for role, n in sorted(ledger.failed.items())})
+    return out
 
 
 def _evidence(history: list[Round], best: Round, test_base: Evaluation, test_best: Evaluation,

@@ -187,7 +187,8 @@ class MlflowTracker:
             for label, ev in (("baseline", result.test_baseline), ("best", result.test_best)):
                 if (v := ev.criterion_mean(name)) is not None:
                     m[f"test/{label}/{name}"] = v
-        top = ("judge/", "checks/", "alarms/", "calls/", "search/", "gate/", "objective/", "gain/", "rounds/")
+        top = ("judge/", "checks/", "alarms/", "calls/", "search/", "gate/", "objective/", "gain/", "rounds/",
+               "tokens/", "usd/", "failures/")
         m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
@@ -312,13 +313,21 @@ def _evidence_lines(st: dict[str, Any]) -> list[str]:
                    f"(n={int(st['gate/n_val'])}, paired SD {st['gate/paired_sd']:.3f}, 80% power at the gate's "
                    "confidence)")
     calls = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("calls/") and k not in
-             ("calls/total", "calls/budget")}
+             ("calls/total", "calls/budget") and not k.startswith("calls/role/")}
     if calls:
         budget = f" of a budget of {int(st['calls/budget'])}" if "calls/budget" in st else ""
         screened = int(st.get("search/stage1_settings_screened", 0))
         out.append(f"- LM calls: {int(st.get('calls/total', sum(calls.values())))}{budget}: "
                    + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in calls.items())
                    + f"; stage 1 screened {screened} retrieval settings with no LM call")
+    spent = sorted(k.split("/", 2)[2] for k in st if k.startswith("calls/role/"))
+    if spent:
+        out.append("- spend by role: " + "; ".join(
+            f"{r} {int(st[f'calls/role/{r}'])} calls, {int(st.get(f'tokens/{r}', 0))} tokens, "
+            f"${float(st.get(f'usd/{r}', 0.0)):.4f}" + (f", {int(st[f'failures/{r}'])} failed" if f"failures/{r}" in st
+                                                        else "") for r in spent)
+                   + f"; total {int(st.get('tokens/total', 0))} tokens, ${float(st.get('usd/total', 0.0)):.4f} "
+                     "(tokens and dollars of billed calls: a cache hit is free)")
     if "rounds/search" in st:
         out.append(f"- candidates: {int(st['rounds/search'])} search moves, {int(st['rounds/rewrite'])} rewrites; "
                    f"{int(st['rounds/pruned'])} pruned early, {int(st['rounds/promoted'])} promoted; "
