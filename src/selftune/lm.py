@@ -387,6 +387,7 @@ class CallLedger(BaseCallback):
 
     def watch(self, lm: Any, role: str) -> None:
         self._names[id(lm)] = role
+        lm._selftune_role = role  # kept by lm.copy() (a cache-bypassing copy, extensions): still this role's calls
         self._models.setdefault(role, getattr(lm, "model", "?"))
 
     def attach(self, role: Role) -> None:
@@ -433,7 +434,8 @@ class CallLedger(BaseCallback):
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         from .spend import Spend
 
-        role = self._names.get(id(instance), getattr(instance, "model", "?"))
+        role = self._names.get(id(instance)) or getattr(instance, "_selftune_role", None) or \
+            getattr(instance, "model", "?")
         self._stack().append(role)
         with self._lock:
             self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1

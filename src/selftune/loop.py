@@ -20,6 +20,7 @@ from .index import Embedder, Index
 from .judge import Judge
 from .lm import CallLedger, Models, check_credentials
 from .optimize import Optimizer
+from .parallel import run_ordered
 from .rag import RAG, load_system
 from .objective import Objective, checks_only
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
@@ -138,7 +139,7 @@ class Session:
 
         A role whose calls fail (after their retries) on more than its ``max_failed_share`` of the items
         stops the tune (``spend.TuneStopped``), as soon as that share is certain to be exceeded."""
-        from .spend import TuneStopped
+        import dspy
 
         items = [p for p in probes if p.split == split][:limit]
         ledger = self.ledger
@@ -159,31 +160,38 @@ class Session:
 
         judgments: list[Judgment] = []
         start = 0
-        while start < len(items):
-            end = min(start + size, next(b for b in bounds if b > start))
-            answered = _run(answer, items[start:end], sut_workers)
-            llm = [llm_items is None or k < llm_items for k in range(start, end)]
-            jobs = [(a, self.judge.reserve(a, use), use) for (a, _), use in zip(answered, llm)]  # in item order
-            graded = _run(grade, jobs, judge_workers)
-            for (_, seen_answering), (j, seen_judging) in zip(answered, graded):
-                judgments.append(j)
-                next(ticks, None)
-                for role in seen_answering | seen_judging:
-                    failed[role] = failed.get(role, 0) + 1
-            for role, n in failed.items():
-                share = self._failed_share(role)
-                if n > share * len(items):
-                    raise TuneStopped(f"{role} calls failed on {n} of {len(items)} {split} items (more than "
-                                      f"max_failed_share {share:g}, after retries); last error: "
-                                      f"{ledger.errors.get(role, '?')}"[:400])
-            start = end
-            if stop is not None and len(judgments) in steps and len(judgments) < len(items) and stop(judgments):
-                break
+        with dspy.context(usage_tracker=ledger):  # tokens and dollars of each billed call, by role
+            while start < len(items):
+                end = min(start + size, next(b for b in bounds if b > start))
+                answered = run_ordered(answer, items[start:end], sut_workers)
+                llm = [llm_items is None or k < llm_items for k in range(start, end)]
+                jobs = [(a, self.judge.reserve(a, use), use) for (a, _), use in zip(answered, llm)]  # item order
+                graded = run_ordered(grade, jobs, judge_workers)
+                for (_, seen_answering), (j, seen_judging) in zip(answered, graded):
+                    judgments.append(j)
+                    next(ticks, None)
+                    for role in seen_answering | seen_judging:
+                        failed[role] = failed.get(role, 0) + 1
+                self._check_failures(failed, len(items), split)
+                start = end
+                if stop is not None and len(judgments) in steps and len(judgments) < len(items) and stop(judgments):
+                    break
         next(ticks, None)  # a progress bar counts an item when asked for the next one: count the last
         ev = Evaluation(params=params, split=split, judgments=tuple(judgments))
         if judgments and all(j.answer.error for j in judgments):
             raise RuntimeError(f"every {split} item failed; first error: {judgments[0].answer.error}")
         return ev
+
+    def _check_failures(self, failed: dict[str, int], n_items: int, split: str) -> None:
+        """Stop the tune when a role's failed items exceed its ``max_failed_share`` of the split."""
+        from .spend import TuneStopped
+
+        for role, n in failed.items():
+            share = self._failed_share(role)
+            if n > share * n_items:
+                raise TuneStopped(f"{role} calls failed on {n} of {n_items} {split} items (more than "
+                                  f"max_failed_share {share:g}, after retries); last error: "
+                                  f"{self.ledger.errors.get(role, '?')}"[:400])
 
     def _failed_share(self, role: str) -> float:
         """The ``max_failed_share`` of the role named ``role`` (0.5 for a role this session did not build)."""
@@ -218,20 +226,6 @@ class Session:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
         stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
         return probes, stats
-
-
-def _run(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
-    """``[fn(j) for j in jobs]``, at most ``workers`` at once, results in the order of ``jobs``. Each job
-    runs in a copy of the caller's context (DSPy's settings, e.g. the ledger as usage tracker, are
-    context variables a plain worker thread would not see)."""
-    import contextvars
-    from concurrent.futures import ThreadPoolExecutor
-
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="selftune") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, fn, j) for j in jobs]
-        return [f.result() for f in futures]
 
 
 def tune(session: Session, rounds: int, observer: Observer, progress: Progress) -> TuneResult:

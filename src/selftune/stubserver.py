@@ -10,16 +10,17 @@ reply is written: every call takes at least ``latency`` seconds of wall time wha
 and sleeping threads do not compete for the CPU, so the measured speed-up of a concurrent client
 does not depend on other jobs on the machine.
 
-**Replies** are deterministic: ``reply(messages)`` (default: a JSON judgment ``{"rationale": ...,
-"score": 4}`` for a request that asks for JSON, else an echo of the last user message's first
-words), so a sequential and a concurrent run can be compared item by item.
+**Replies** are deterministic functions of the request body (``reply(body)``, default
+``default_reply``: a judgment fitting the request's JSON schema, a probe question, or a RAG answer
+quoting its context), so a sequential and a concurrent run can be compared item by item.
 
 **Faults** (``StubServer.faults``, a list consumed one per request, or ``fault_every`` for a
 repeating pattern): ``429`` (with ``Retry-After: <retry_after>``), ``500``, ``503``, ``slow`` (sleeps
 ``slow_seconds`` before answering, beyond a client's timeout), ``badjson`` (HTTP 200 with a body
 that is not JSON), ``prose`` (HTTP 200, a well-formed completion whose content is prose where JSON
 was asked for), ``drop`` (closes the connection without a reply). ``hits`` counts requests by
-outcome; ``stamps`` keeps each request's arrival time (to check a Retry-After was honoured).
+outcome; ``stamps`` keeps each reply's time (to check a Retry-After was honoured); ``bodies`` every
+request body; ``max_inflight`` the most requests handled at once (proof that a client overlapped them).
 
     with StubServer(latency=0.2) as server:
         ...  # server.base == "http://127.0.0.1:<port>/v1"
@@ -27,7 +28,9 @@ outcome; ``stamps`` keeps each request's arrival time (to check a Retry-After wa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -37,16 +40,49 @@ from typing import Any
 FAULTS = ("429", "500", "503", "slow", "badjson", "prose", "drop")
 
 
-def default_reply(messages: list[dict[str, Any]], wants_json: bool) -> str:
-    if wants_json:
-        return json.dumps({"rationale": "the answer is supported", "score": 4})
-    last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-    text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last if isinstance(p, dict))
-    return "Echo: " + " ".join(text.split()[-12:])
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else " ".join(
+        p.get("text", "") for p in content or [] if isinstance(p, dict))
+
+
+def _schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    rf = body.get("response_format") or {}
+    if rf.get("type") not in ("json_object", "json_schema"):
+        return None
+    return rf.get("schema") or (rf.get("json_schema") or {}).get("schema") or {}
+
+
+def _judgment(schema: dict[str, Any], seed: str) -> dict[str, Any]:
+    """A reply that fits ``schema`` (one score, or one per criterion of a group), its scores a hash of ``seed``."""
+    props = schema.get("properties") or {}
+    if "winner" in props:
+        return {"rationale": "stub comparison", "winner": "AB"[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 2]}
+    if props and "score" not in props:
+        return {name: _judgment(sub, f"{seed}|{name}") for name, sub in props.items()}
+    levels = ((props.get("score") or {}).get("enum")) or [1, 2, 3, 4, 5]
+    level = levels[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(levels)]
+    return {"rationale": f"stub rationale {level}", "score": level}
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    """Deterministic, from the request alone: for a JSON request, a judgment that fits its schema (scores
+    a hash of the prompt); for a probe-question request (``probes.QUESTION_SYSTEM``), a question on the
+    sentence; else the first words of the last user message's ``Context`` block (a RAG answer)."""
+    messages = body.get("messages") or []
+    system = next((_text(m.get("content")) for m in messages if m.get("role") == "system"), "")
+    last = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    schema = _schema(body)
+    if "quiz questions" in system:
+        words = last.split("Sentence:", 1)[-1].split()
+        return json.dumps({"question": f"What is said about {' '.join(words[2:6])}?"})
+    if schema is not None:
+        return json.dumps(_judgment(schema, json.dumps(messages, sort_keys=True)))
+    context = last.split("Context:", 1)[-1].split("\n\n")[0]
+    return " ".join(re.sub(r"^\s*\[\d+\] \([^)]*\) ", "", context).split()[:30]) or "I do not know."
 
 
 class StubServer:
-    def __init__(self, latency: float = 0.0, reply: Callable[[list[dict[str, Any]], bool], str] = default_reply,
+    def __init__(self, latency: float = 0.0, reply: Callable[[dict[str, Any]], str] = default_reply,
                  faults: list[str] | None = None, fault_every: list[str] | None = None, retry_after: float = 1.0,
                  slow_seconds: float = 5.0, api_key: str | None = None):
         self.latency, self.reply, self.retry_after, self.slow_seconds = latency, reply, retry_after, slow_seconds
@@ -58,6 +94,7 @@ class StubServer:
         self.bodies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._n = 0
+        self.inflight = self.max_inflight = 0  # requests being handled now / at most at once
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -134,6 +171,15 @@ class StubServer:
                 body = json.loads(raw or b"{}")
                 with server._lock:
                     server.bodies.append(body)
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    self._complete(body)
+                finally:
+                    with server._lock:
+                        server.inflight -= 1
+
+            def _complete(self, body: dict[str, Any]) -> None:
                 fault = server._next_fault()
                 if fault in ("429", "500", "503"):
                     server._count(fault)
@@ -150,10 +196,7 @@ class StubServer:
                     server._count("badjson")
                     self._send(200, b"<html>upstream proxy error</html>", kind="text/html")
                     return
-                rf = body.get("response_format") or {}
-                wants_json = rf.get("type") in ("json_object", "json_schema")
-                text = "I think it is a good answer overall." if fault == "prose" else \
-                    server.reply(body.get("messages") or [], wants_json)
+                text = "I think it is a good answer overall." if fault == "prose" else server.reply(body)
                 server._count(fault or "ok")
                 prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
                 completion_tokens = len(text.split())
