@@ -390,12 +390,13 @@ class CallLedger(BaseCallback):
         lm._selftune_role = role  # kept by lm.copy() (a cache-bypassing copy, extensions): still this role's calls
         self._models.setdefault(role, getattr(lm, "model", "?"))
 
-    def attach(self, role: Role) -> None:
-        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test)."""
+    def attach(self, role: Role, name: str | None = None) -> None:
+        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test) as ``name``'s (default
+        the role's own name)."""
         callbacks = role.lm.callbacks
         if not any(c is self for c in callbacks):
             callbacks.append(self)
-        self.watch(role.lm, role.name)
+        self.watch(role.lm, name or role.name)
 
     def limit(self, caps: Any) -> None:
         """Check these caps (``spend.Caps``) from now on."""

@@ -74,8 +74,10 @@ class Session:
                     else load_system(cfg.sut.system))
         judges = self.models.judges() if self.rubric.needs_judge_model() else None
         if not isinstance(self.models, Models):  # built elsewhere (a test's fakes): count their calls too
-            for role in [self.models.role(n) for n in ("generator", "sut", "optimizer")] + list(judges or []):
-                self.ledger.attach(role)
+            named = [(n, self.models.role(n)) for n in ("generator", "sut", "optimizer")]
+            named += [("judge" if i == 0 else f"judge{i + 1}", r) for i, r in enumerate(judges or [])]
+            for name, role in named:
+                self.ledger.attach(role, name)
         self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
                            flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
         try:  # a judge that cannot score (or unreadable trust labels) stops the run before any work

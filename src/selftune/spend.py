@@ -91,4 +91,4 @@ class Caps:
 
 
 def _fmt(what: str, value: float) -> str:
-    return f"${value:.4f}" if what == "usd" else f"{int(value)} {what}"
+    return f"${value:.6g}" if what == "usd" else f"{int(value)} {what}"
