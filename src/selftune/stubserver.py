@@ -139,6 +139,7 @@ class StubServer:
 
             def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                       kind: str = "application/json") -> None:
+                self._done()
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
@@ -173,9 +174,17 @@ class StubServer:
                     server.bodies.append(body)
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                self._busy = True
                 try:
                     self._complete(body)
                 finally:
+                    self._done()
+
+            def _done(self) -> None:
+                """No longer in flight: counted before the reply is written (a client may send its next request
+                the moment it has read this reply)."""
+                if getattr(self, "_busy", False):
+                    self._busy = False
                     with server._lock:
                         server.inflight -= 1
 
@@ -187,6 +196,7 @@ class StubServer:
                     self._error(int(fault), f"injected {fault}", headers)
                     return
                 if fault == "drop":
+                    self._done()
                     server._count("drop")
                     self.close_connection = True
                     self.connection.shutdown(2)
