@@ -66,6 +66,7 @@ ui: $(STAMP)
 
 bench: setup
 	$(BIN)/python -m selftune.gridbench --out $(WORKDIR)/gridbench.json
+	$(BIN)/python -m selftune.concbench --out $(WORKDIR)/concbench.json
 	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
 	$(BIN)/python -m selftune.workerbench --out $(WORKDIR)/workerbench.json
 

@@ -229,3 +229,18 @@ def test_untrusted_text_never_becomes_a_control_token():
         assert (whole.count(start[0]), whole.count(end[0])) == (6, 8)
     finally:
         engine.close()
+
+
+def test_local_threads_reach_llama_cpp():
+    """``models.local.threads``: llama.cpp's n_threads and n_threads_batch (default: every core)."""
+    from selftune.lm import Engines, LlamaCppEngine, local_gguf_path
+
+    engine = LlamaCppEngine(local_gguf_path(), n_ctx=256, threads=1)
+    try:
+        llama = engine.llama
+        assert (llama.n_threads, llama.n_threads_batch) == (1, 1)
+        assert (llama.context_params.n_threads, llama.context_params.n_threads_batch) == (1, 1)
+        assert llama.create_completion(prompt="The pass statement", max_tokens=2)["choices"][0]["text"] is not None
+    finally:
+        engine.close()
+    assert Engines(0).threads is None  # unset: LlamaCppEngine uses every core, as before

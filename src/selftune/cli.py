@@ -11,7 +11,8 @@
 - ``selftune feedback CONFIG --file F | --from-mlflow``: a person's edits and ratings back into the loop;
 - ``selftune ui [CONFIG]``: the MLflow UI on the config's store, offline-safe; prints the last tune's URL.
 
-Bad input exits with code 2 and one line naming file, key and expectation.
+Bad input exits with code 2 and one line naming file, key and expectation; a tune stopped because a
+role fails on too many items exits with code 3 and one line saying why.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import typer
 
 from .errors import InputError
 from .runtime import progress, setup
+from .spend import TuneStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tune RAG pipelines against your rubric.")
 
@@ -91,6 +93,9 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
         typer.echo(f"{'terminated (SIGTERM)' if exit_code(err) == 143 else 'interrupted'}: finished rounds are kept in "
                    "MLflow; `selftune tune CONFIG --resume` continues", err=True)
         raise typer.Exit(exit_code(err)) from None
+    except TuneStopped as err:  # e.g. a role failing on too many items: one line, finished rounds kept
+        typer.echo(f"stopped: {err}; finished rounds are kept in MLflow", err=True)
+        raise typer.Exit(3) from None
     finally:
         if lock is not None:
             lock.release()

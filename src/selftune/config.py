@@ -21,6 +21,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class RoleBudget(Strict):
+    """A cap on what one role may spend in a tune. Unset: no cap."""
+
+    calls: int | None = Field(None, ge=1, description="LM calls (cached ones included, so a rerun stops where the "
+                                                      "first run did)")
+    tokens: int | None = Field(None, ge=1, description="prompt + completion tokens the provider reported (billed "
+                                                       "calls only: a response-cache hit costs none)")
+    usd: float | None = Field(None, gt=0, description="US dollars at LiteLLM's offline price map (billed calls only; "
+                                                      "the local model costs 0)")
+
+
 class ModelSpec(Strict):
     """One role's model: ``local`` (the embedded SmolLM2 GGUF) or any LiteLLM model id."""
 
@@ -33,6 +44,36 @@ class ModelSpec(Strict):
     adapter: Literal["auto", "chat", "plain"] = Field(
         "auto", description="how DSPy prompts it: chat (field markers, JSON fallback) or plain (a plain prompt, the "
                             "reply is the answer); auto: plain for local and for an openai/ id with api_base")
+    concurrency: int | None = Field(
+        None, ge=1, le=256, description="calls in flight at once for a split's answers, judgments and probe "
+                                        "questions (results and order as if sequential); default 8 hosted, 1 local "
+                                        "(llama.cpp runs one call at a time: it must stay 1)")
+    retries: int = Field(3, ge=0, le=20, description="retries of a failed call (429, 5xx, timeout, dropped "
+                                                     "connection, unparsable reply) with exponential backoff "
+                                                     "(1, 2, 4 ... s) or the server's Retry-After; then the item "
+                                                     "is invalid (counted, never scored 0)")
+    timeout: float = Field(120.0, gt=0, le=3600, description="seconds to wait for a reply (hosted and served models)")
+    max_retry_wait: float = Field(60.0, ge=0, le=3600, description="served models (api_base): the longest "
+                                                                    "Retry-After honoured before a retry")
+    max_failed_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of a split's items on which this role's calls may fail (after "
+                                         "retries) before the tune stops with a one-line reason; finished rounds "
+                                         "stay in MLflow")
+    budget: RoleBudget = RoleBudget()
+
+    def workers(self) -> int:
+        """Calls in flight at once: the configured concurrency, else 8 hosted, 1 local."""
+        return self.concurrency or (1 if self.model == "local" else 8)
+
+
+class LocalSpec(Strict):
+    """The embedded llama.cpp model (every role whose model is ``local``)."""
+
+    threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads llama.cpp uses (n_threads and n_threads_batch); default every "
+                                        "core (os.cpu_count()). Fewer leave cores to other jobs: llama.cpp's threads "
+                                        "spin while they wait, so a tune beside other heavy work slows far more "
+                                        "than twofold unless it leaves them room")
 
 
 class Models(Strict):
@@ -40,6 +81,7 @@ class Models(Strict):
     sut: ModelSpec = ModelSpec(max_tokens=80)
     judge: ModelSpec = ModelSpec(max_tokens=96)
     optimizer: ModelSpec = ModelSpec(temperature=0.7, max_tokens=120)
+    local: LocalSpec = LocalSpec()
 
 
 def _relative_glob(g: str) -> str:
@@ -177,8 +219,14 @@ class ProbeSpec(Strict):
 
 
 class BudgetSpec(Strict):
+    """What a whole tune may spend (every role together); a role's own cap is ``models.<role>.budget``. Each is
+    checked before every call; reaching one ends the tune after the current candidate (the held-out test of the
+    best so far is still run, so the report holds), the report saying which cap and every finished round kept."""
+
     calls: int | None = Field(1500, ge=1, description="LM calls a tune may make (every role, cached calls "
                                                       "included); reaching it ends the tune after that candidate")
+    tokens: int | None = Field(None, ge=1, description="prompt + completion tokens (billed calls only)")
+    usd: float | None = Field(None, gt=0, description="US dollars at LiteLLM's offline price map (billed calls only)")
     minutes: float | None = Field(None, gt=0, le=100000, description="wall time a tune may take (Optuna's "
                                   "`timeout`): no candidate is started that would, with the held-out test still "
                                   "to score, end the tune after it; measured from the start of the tune")
@@ -400,6 +448,17 @@ def load_config(path: str | Path, corpus: str | Path | None = None) -> Config:
         if spec.model != "local" and "/" not in spec.model:
             raise InputError(path, key,
                              f"expected 'local' or a LiteLLM id like 'openai/gpt-4o-mini', got {spec.model!r}")
+        where = key.rsplit(".", 1)[0]
+        if spec.model == "local" and (spec.concurrency or 1) > 1:
+            raise InputError(path, f"{where}.concurrency", "expected 1 (or no key) for the local model: llama.cpp "
+                                                           "runs one call at a time")
+        if spec.budget.usd is not None:
+            from .spend import prices
+
+            if prices(spec.model) is None:
+                raise InputError(path, f"{where}.budget.usd",
+                                 f"expected a model LiteLLM's offline price map knows; {spec.model} has no price "
+                                 "(cap calls or tokens instead)")
     if cfg.judge.models and "judge" in cfg.models.model_fields_set:
         raise InputError(path, "judge.models", "name the judge once: either models.judge or a judge.models "
                                                "panel, not both (the panel's first model is the primary judge)")

@@ -72,16 +72,26 @@ class ServedEngine:
     OpenAI's newer ``max_completion_tokens``, which llama-cpp-python's server ignores: a reply then
     runs until the context is full, measured at over 13 minutes for one answer.) The key lives only in
     this client, never in the LM's kwargs; without one, a placeholder is sent rather than any ambient
-    ``OPENAI_API_KEY``. DSPy's JSON fallback may ask it for a ``json_object``."""
+    ``OPENAI_API_KEY``. DSPy's JSON fallback may ask it for a ``json_object``.
+
+    Faults: DSPy's retry loop (``dspy.LM(num_retries=...)``) retries what it classes as transient (429,
+    5xx, timeouts, dropped connections) with exponential backoff or the server's ``Retry-After``. This
+    engine adds what that loop cannot know: a reply that waits more than ``timeout`` seconds is a
+    timeout (lm15's default is 600 s); a 200 reply whose body is not JSON (a proxy's error page, a cut
+    reply) is a server error, so it is retried too; a ``Retry-After`` beyond ``max_retry_wait`` seconds is
+    shortened to it (a server asking for an hour would stall the tune)."""
 
     supported_params = frozenset({"temperature", "max_tokens", "stop", "seed", "response_format"})
     supports_response_schema = False  # selftune asks for schemas itself (json_modes); DSPy gets json_object
 
-    def __init__(self, api_base: str, api_key: str | None):
+    def __init__(self, api_base: str, api_key: str | None, timeout: float = 120.0, max_retry_wait: float = 60.0):
+        # lm15's stdlib transport is not re-exported by dspy.lm15; it is the default transport, configured
+        from dspy._vendor.lm15.transports import StdlibTransport
         from dspy.lm15 import OpenAIChatCompat, OpenAIChatLM
 
-        self.api_base = api_base
-        self._client = OpenAIChatLM(api_key=api_key or "no-key", base_url=api_base,
+        self.api_base, self.timeout, self.max_retry_wait = api_base, timeout, max_retry_wait
+        transport = StdlibTransport(connect_timeout=min(10.0, timeout), read_timeout=timeout, write_timeout=timeout)
+        self._client = OpenAIChatLM(api_key=api_key or "no-key", base_url=api_base, transport=transport,
                                     compat=OpenAIChatCompat(max_tokens_field="max_tokens"))
 
     def _wire(self, request: Any) -> Any:
@@ -90,7 +100,19 @@ class ServedEngine:
         return dataclasses.replace(request, model=request.model.split("/", 1)[-1])  # the server's own name
 
     def complete(self, request: Any) -> Response:
-        return self._client.complete(self._wire(request))
+        from dspy import lm15
+
+        try:
+            return self._client.complete(self._wire(request))
+        except lm15.RateLimitError as err:
+            if err.retry_after is not None and err.retry_after > self.max_retry_wait:
+                err.retry_after = self.max_retry_wait
+            raise
+        except lm15.ProviderError as err:
+            if type(err) is lm15.ProviderError and "is not JSON" in str(err):  # malformed reply: transient
+                raise lm15.ServerError(f"malformed reply: {err.message}", provider=err.provider,
+                                       status=err.status) from err
+            raise
 
     def stream(self, request: Any) -> Any:
         return self._client.stream(self._wire(request))

@@ -15,6 +15,7 @@ settings embeds each question once and queries each chunking once per question.
 from __future__ import annotations
 
 import hashlib
+import threading
 import importlib.util
 import logging
 import os
@@ -89,6 +90,9 @@ class Index:
         self._chunks: dict[tuple[int, int], list[Chunk]] = {}
         self._vectors: dict[str, list[float]] = {}
         self._rankings: dict[tuple[str, int, int], Ranking] = {}
+        # one retrieval at a time: answers run in threads (models.sut.concurrency), and a first use builds a
+        # collection; retrieval is local and fast, the LM call after it is what runs concurrently
+        self._lock = threading.RLock()
 
     def chunks(self, size: int, overlap: int) -> list[Chunk]:
         if (size, overlap) not in self._chunks:
@@ -131,7 +135,11 @@ class Index:
 
     def search(self, query: str, k: int, size: int, overlap: int, weight: float = 0.0) -> list[Chunk]:
         """The ``k`` best chunks: dense only at ``weight`` 0 (one chromadb query at ``k``), else the
-        dense and BM25 rankings fused (``retrieval.fuse``; 1 = BM25 only)."""
+        dense and BM25 rankings fused (``retrieval.fuse``; 1 = BM25 only). Thread-safe (one at a time)."""
+        with self._lock:
+            return self._search(query, k, size, overlap, weight)
+
+    def _search(self, query: str, k: int, size: int, overlap: int, weight: float) -> list[Chunk]:
         if weight == 0.0:
             col = self.collection(size, overlap)
             res = col.query(query_embeddings=self.query_vectors([query]), n_results=k,  # type: ignore[arg-type]

@@ -63,10 +63,29 @@ class Judge:
         assert self.ragas is not None
         return self.ragas.score(c.metric, dict(c.options), answer)
 
-    def judge(self, answer: Answer, llm: bool = True) -> Judgment:
+    @property
+    def concurrency(self) -> int:
+        """Items this judge may score at once: the panel's (``Panel.concurrency``); 1 with ragas metrics
+        (their scorer keeps state per call) or no model."""
+        if self.panel is None or self.ragas is not None:
+            return 1
+        return self.panel.concurrency
+
+    def reserve(self, answer: Answer, llm: bool = True) -> list[str]:
+        """The fence tokens ``judge(answer, llm)`` will use, drawn now: one per LLM criterion group and
+        panel member. Drawn in item order before items are judged concurrently, they make each item's
+        prompts (and cache keys) those of a sequential run."""
+        if self.panel is None or answer.error is not None or not llm:
+            return []
+        return self.panel.draw(len(self.rubric.llm_groups()) * len(self.panel.roles))
+
+    def judge(self, answer: Answer, llm: bool = True, tokens: list[str] | None = None) -> Judgment:
         """Every criterion on one answer. ``llm=False`` leaves the model-scored criteria unscored
         (``n/a``, said in the rationale): below the trust bar they cannot count, so only a monitoring
-        sample of items pays for them."""
+        sample of items pays for them. ``tokens``: the fence tokens ``reserve`` drew for it."""
+        if tokens is not None and self.panel is not None:
+            with self.panel.using(tokens):
+                return self.judge(answer, llm)
         if answer.error is not None:
             scores = {c.name: Score(status="invalid", rationale=f"no answer: {answer.error}")
                       for c in self.rubric.criteria}

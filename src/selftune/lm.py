@@ -62,12 +62,13 @@ class LlamaCppEngine:
     ``repeat_penalty`` from ``config.extensions`` (llama.cpp's own knob, which DSPy's LM kwargs cannot
     carry: see ``with_extensions``); unset ones keep llama.cpp's defaults (0, 0, 1.0: no penalty)."""
 
-    def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX):
+    def __init__(self, model_path: Path, seed: int = 0, n_ctx: int = N_CTX, threads: int | None = None):
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self.llama = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=os.cpu_count() or 2,
-                           seed=seed, verbose=False)
+        self.threads = threads or os.cpu_count() or 2  # models.local.threads; default every core
+        self.llama = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=self.threads,
+                           n_threads_batch=self.threads, seed=seed, verbose=False)
         meta = self.llama.metadata
         eos = self.llama._model.token_get_text(self.llama.token_eos())
         self.eos_text = eos
@@ -333,12 +334,16 @@ class Role:
     """A role's LM with the adapter that suits it. ``local`` tells callers they may use grammars;
     ``json_mode`` is how a hosted model is asked for JSON once known (``hosted.json_modes``)."""
 
-    def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool, json_mode: str | None = None):
+    def __init__(self, name: str, lm: dspy.LM, adapter: dspy.Adapter, local: bool, json_mode: str | None = None,
+                 concurrency: int = 1, max_failed_share: float = 0.5):
         self.name, self.lm, self.adapter, self.local, self.json_mode = name, lm, adapter, local, json_mode
+        # calls in flight at once (the local model: always 1, its engine is serialized anyway)
+        self.concurrency = 1 if local else max(1, concurrency)
+        self.max_failed_share = max_failed_share
 
     def with_lm(self, lm: dspy.LM) -> Role:
         """The same role on another LM (e.g. the response cache bypassed), its JSON mode kept."""
-        return Role(self.name, lm, self.adapter, self.local, self.json_mode)
+        return Role(self.name, lm, self.adapter, self.local, self.json_mode, self.concurrency, self.max_failed_share)
 
     def context(self) -> Any:
         return dspy.context(lm=self.lm, adapter=self.adapter)
@@ -355,16 +360,33 @@ def check_credentials(cfg: Config) -> None:
 
 
 class CallLedger(BaseCallback):
-    """Counts LM calls by stage and by role, for the budget and the report. Every call counts, from
-    the response cache or not, so a rerun spends (and stops) exactly as the first run did."""
+    """Counts LM calls by stage and by role, and what they spend (``spend.Spend``: calls, tokens, USD),
+    for the budgets and the report. Every call counts, from the response cache or not, so a rerun
+    spends (and stops) exactly as the first run did; tokens and dollars come from the provider's usage
+    (DSPy hands it to ``add_usage``, this ledger being its ``usage_tracker``; a cache hit has none).
+
+    Thread-safe: calls of one split run in a pool (``concurrency``); ``stage`` is set by the loop
+    between splits. Each thread keeps the role of the call it is in and the roles whose calls failed
+    (after retries) on the item it is working on (``item`` / ``failed_roles``). Before every call and
+    after every reply the caps (``limit``) are checked; the first reached is kept in ``exhausted``."""
 
     def __init__(self) -> None:
+        from .spend import Caps, Spend
+
         self._stage = "setup"
         self._since = time.perf_counter()
         self._seconds: dict[str, float] = {}
         self.by_stage: dict[str, int] = {}
         self.by_role: dict[str, int] = {}
+        self.spend: dict[str, Spend] = {}
+        self.failed: dict[str, int] = {}  # calls that failed after their retries, by role
+        self.errors: dict[str, str] = {}  # the last such failure, by role
+        self.caps = Caps()
+        self.exhausted: str | None = None
         self._names: dict[int, str] = {}
+        self._models: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     @property
     def stage(self) -> str:
@@ -386,22 +408,86 @@ class CallLedger(BaseCallback):
 
     def watch(self, lm: Any, role: str) -> None:
         self._names[id(lm)] = role
+        lm._selftune_role = role  # kept by lm.copy() (a cache-bypassing copy, extensions): still this role's calls
+        self._models.setdefault(role, getattr(lm, "model", "?"))
 
-    def attach(self, role: Role) -> None:
-        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test)."""
+    def attach(self, role: Role, name: str | None = None) -> None:
+        """Count ``role``'s calls (roles built elsewhere, e.g. handed in by a test) as ``name``'s (default
+        the role's own name)."""
         callbacks = role.lm.callbacks
         if not any(c is self for c in callbacks):
             callbacks.append(self)
-        self.watch(role.lm, role.name)
+        self.watch(role.lm, name or role.name)
+
+    def limit(self, caps: Any) -> None:
+        """Check these caps (``spend.Caps``) from now on."""
+        self.caps = caps
+        self._check()
 
     @property
     def total(self) -> int:
         return sum(self.by_stage.values())
 
+    def totals(self) -> Any:
+        from .spend import Spend
+
+        out = Spend()
+        for s in list(self.spend.values()):
+            out.calls, out.tokens, out.usd = out.calls + s.calls, out.tokens + s.tokens, out.usd + s.usd
+        return out
+
+    def _check(self) -> None:
+        if self.exhausted is None:
+            self.exhausted = self.caps.reached(self.totals(), self.spend)
+
+    def _stack(self) -> list[str]:
+        if not hasattr(self._local, "roles"):
+            self._local.roles = []
+        return self._local.roles
+
+    def item(self) -> None:
+        """This thread starts an item: forget the failures seen on the previous one."""
+        self._local.failed = set()
+
+    def failed_roles(self) -> set[str]:
+        """Roles whose calls failed (after retries) in this thread since ``item()``."""
+        return set(getattr(self._local, "failed", set()))
+
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1
-        role = self._names.get(id(instance), getattr(instance, "model", "?"))
-        self.by_role[role] = self.by_role.get(role, 0) + 1
+        from .spend import Spend
+
+        role = self._names.get(id(instance)) or getattr(instance, "_selftune_role", None) or \
+            getattr(instance, "model", "?")
+        self._stack().append(role)
+        with self._lock:
+            self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1
+            self.by_role[role] = self.by_role.get(role, 0) + 1
+            self.spend.setdefault(role, Spend()).calls += 1
+            self._check()
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        stack = self._stack()
+        role = stack.pop() if stack else "?"
+        if exception is not None:
+            with self._lock:
+                self.failed[role] = self.failed.get(role, 0) + 1
+                self.errors[role] = f"{type(exception).__name__}: {' '.join(str(exception).split())}"[:300]
+            if hasattr(self._local, "failed"):
+                self._local.failed.add(role)
+
+    def add_usage(self, model: str, usage: dict[str, Any]) -> None:
+        """DSPy's usage-tracker hook: a provider's usage for the call this thread is in (billed calls only)."""
+        from .spend import Spend, prices, usage_tokens
+
+        stack = self._stack()
+        role = stack[-1] if stack else model
+        prompt, completion = usage_tokens(usage)
+        price = prices(self._models.get(role, model) if not model.startswith("local/") else "local") or (0.0, 0.0)
+        with self._lock:
+            s = self.spend.setdefault(role, Spend())
+            s.tokens += prompt + completion
+            s.usd += prompt * price[0] + completion * price[1]
+            self._check()
 
 
 class Engines:
@@ -409,13 +495,13 @@ class Engines:
     only its KV cache, ~100 MB): the judge's and the SUT's fixed prompt prefixes then stay cached
     between items instead of evicting each other."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, threads: int | None = None):
+        self.seed, self.threads = seed, threads
         self._engines: dict[str, LlamaCppEngine] = {}
 
     def get(self, role: str) -> LlamaCppEngine:
         if role not in self._engines:
-            self._engines[role] = LlamaCppEngine(local_gguf_path(), seed=self.seed)
+            self._engines[role] = LlamaCppEngine(local_gguf_path(), seed=self.seed, threads=self.threads)
         return self._engines[role]
 
     def close(self) -> None:
@@ -439,7 +525,7 @@ class Models:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.engines = Engines(cfg.seed)
+        self.engines = Engines(cfg.seed, cfg.models.local.threads)
         self.ledger = CallLedger()
         self._roles: dict[str, Role] = {}
         self._panel: list[Role] | None = None
@@ -464,18 +550,21 @@ class Models:
 
 
 def build_role(name: str, spec: ModelSpec, engine: Any = None, ledger: CallLedger | None = None) -> Role:
+    """The role's ``dspy.LM``: DSPy owns the retries (``spec.retries``: 429, 5xx, timeouts and dropped
+    connections, exponential backoff or the server's Retry-After); a hosted call waits ``spec.timeout``."""
     callbacks = [ledger] if ledger is not None else []
     if spec.model == "local":
         lm = dspy.LM(LOCAL_MODEL_ID, engine=engine(), temperature=spec.temperature,
                      max_tokens=spec.max_tokens, cache=spec.cache, num_retries=0, callbacks=callbacks)
-        role = Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=True)
+        adapter = dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter()
     elif spec.model.startswith("openai/") and spec.api_base:
-        served = ServedEngine(spec.api_base, os.environ[spec.api_key_env] if spec.api_key_env else None)
+        served = ServedEngine(spec.api_base, os.environ[spec.api_key_env] if spec.api_key_env else None,
+                              timeout=spec.timeout, max_retry_wait=spec.max_retry_wait)
         lm = dspy.LM(spec.model, engine=served, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                     cache=spec.cache, callbacks=callbacks)
+                     cache=spec.cache, callbacks=callbacks, num_retries=spec.retries)
         # a served model is often a small one: DSPy's field markers and JSON fallback fail it where a
         # plain prompt does not (measured on the served SmolLM2: every answer of a round lost)
-        role = Role(name, lm, dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter(), local=False)
+        adapter = dspy.ChatAdapter() if spec.adapter == "chat" else LeanAdapter()
     else:
         kwargs: dict[str, Any] = {}
         if spec.api_base:
@@ -483,8 +572,10 @@ def build_role(name: str, spec: ModelSpec, engine: Any = None, ledger: CallLedge
         if spec.api_key_env:
             kwargs["api_key"] = os.environ[spec.api_key_env]
         lm = dspy.LM(spec.model, temperature=spec.temperature, max_tokens=spec.max_tokens, cache=spec.cache,
-                     callbacks=callbacks, **kwargs)
-        role = Role(name, lm, LeanAdapter() if spec.adapter == "plain" else dspy.ChatAdapter(), local=False)
+                     callbacks=callbacks, num_retries=spec.retries, timeout=spec.timeout, **kwargs)
+        adapter = LeanAdapter() if spec.adapter == "plain" else dspy.ChatAdapter()
+    role = Role(name, lm, adapter, local=spec.model == "local", concurrency=spec.workers(),
+                max_failed_share=spec.max_failed_share)
     if ledger is not None:
         ledger.watch(lm, name)
     return role

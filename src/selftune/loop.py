@@ -22,6 +22,7 @@ from .index import Embedder, Index
 from .judge import Judge, has_unscored
 from .lm import CallLedger, Models, check_credentials
 from .optimize import Optimizer
+from .parallel import run_ordered
 from .rag import RAG, load_system
 from .objective import Objective, checks_only
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
@@ -75,8 +76,10 @@ class Session:
                     else load_system(cfg.sut.system))
         judges = self.models.judges() if self.rubric.needs_judge_model() else None
         if not isinstance(self.models, Models):  # built elsewhere (a test's fakes): count their calls too
-            for role in [self.models.role(n) for n in ("generator", "sut", "optimizer")] + list(judges or []):
-                self.ledger.attach(role)
+            named = [(n, self.models.role(n)) for n in ("generator", "sut", "optimizer")]
+            named += [("judge" if i == 0 else f"judge{i + 1}", r) for i, r in enumerate(judges or [])]
+            for name, role in named:
+                self.ledger.attach(role, name)
         self.judge = Judge(self.rubric, judges, seed=cfg.seed, method=cfg.judge.method,
                            flag_cap=cfg.judge.flag_cap, embedder=self.embedder, aggregate=cfg.judge.aggregate)
         try:  # a judge that cannot score (or unreadable trust labels) stops the run before any work
@@ -130,13 +133,54 @@ class Session:
         """Answer and judge the probes of ``split`` in their fixed order (the first ``limit`` only, if
         given). ``llm_items``: only the first that many are scored by the judge model (a monitoring
         sample). ``stop`` is asked after each of ``steps`` items; True ends the evaluation there (the
-        candidate was pruned). Per-item failures are recorded; all failing raises."""
+        candidate was pruned). Per-item failures are recorded; all failing raises.
+
+        Concurrency: the items run in batches, the answers of a batch in a pool of the SUT role's
+        ``concurrency`` (the built-in pipeline only; a system of your own answers one item at a time),
+        then its judgments in a pool of the judge's. A batch never crosses a step, every judge fence token
+        is drawn in item order before the batch is judged (``Judge.reserve``), and results are collected
+        in item order, so the evaluation (order, prompts, cache keys, seeds) is the sequential one.
+
+        A role whose calls fail (after their retries) on more than its ``max_failed_share`` of the items
+        stops the tune (``spend.TuneStopped``), as soon as that share is certain to be exceeded."""
+        import dspy
+
         items = [p for p in probes if p.split == split][:limit]
+        ledger = self.ledger
+        sut_workers = self.models.role("sut").concurrency if isinstance(self.sut, RAG) else 1
+        judge_workers = self.judge.concurrency
+        size = max(sut_workers, judge_workers)
+        bounds = sorted({k for k in steps if 0 < k < len(items)} | {len(items)}) if stop is not None else [len(items)]
+        ticks = iter(progress(items, desc=f"{split:5s}", leave=False))
+        failed: dict[str, int] = {}
+
+        def answer(p: Probe) -> tuple[Any, set[str]]:
+            ledger.item()
+            return self.sut.answer(p, params), ledger.failed_roles()
+
+        def grade(job: tuple[Any, list[str], bool]) -> tuple[Judgment, set[str]]:
+            ledger.item()
+            return self.judge.judge(job[0], llm=job[2], tokens=job[1]), ledger.failed_roles()
+
         judgments: list[Judgment] = []
-        for k, p in enumerate(progress(items, desc=f"{split:5s}", leave=False)):
-            judgments.append(self.judge.judge(self.sut.answer(p, params), llm=llm_items is None or k < llm_items))
-            if stop is not None and len(judgments) in steps and len(judgments) < len(items) and stop(judgments):
-                break
+        start = 0
+        with dspy.context(usage_tracker=ledger):  # tokens and dollars of each billed call, by role
+            while start < len(items):
+                end = min(start + size, next(b for b in bounds if b > start))
+                answered = run_ordered(answer, items[start:end], sut_workers)
+                llm = [llm_items is None or k < llm_items for k in range(start, end)]
+                jobs = [(a, self.judge.reserve(a, use), use) for (a, _), use in zip(answered, llm)]  # item order
+                graded = run_ordered(grade, jobs, judge_workers)
+                for (_, seen_answering), (j, seen_judging) in zip(answered, graded):
+                    judgments.append(j)
+                    next(ticks, None)
+                    for role in seen_answering | seen_judging:
+                        failed[role] = failed.get(role, 0) + 1
+                self._check_failures(failed, len(items), split)
+                start = end
+                if stop is not None and len(judgments) in steps and len(judgments) < len(items) and stop(judgments):
+                    break
+        next(ticks, None)  # a progress bar counts an item when asked for the next one: count the last
         ev = Evaluation(params=params, split=split, judgments=tuple(judgments))
         if judgments and all(j.answer.error for j in judgments):
             raise RuntimeError(f"every {split} item failed; first error: {judgments[0].answer.error}")
@@ -148,6 +192,22 @@ class Session:
         if not has_unscored_items(ev):
             return ev
         return self.evaluate(ev.params, probes, ev.split, progress, limit=len(ev.judgments))
+
+    def _check_failures(self, failed: dict[str, int], n_items: int, split: str) -> None:
+        """Stop the tune when a role's failed items exceed its ``max_failed_share`` of the split."""
+        from .spend import TuneStopped
+
+        for role, n in failed.items():
+            share = self._failed_share(role)
+            if n > share * n_items:
+                raise TuneStopped(f"{role} calls failed on {n} of {n_items} {split} items (more than "
+                                  f"max_failed_share {share:g}, after retries); last error: "
+                                  f"{self.ledger.errors.get(role, '?')}"[:400])
+
+    def _failed_share(self, role: str) -> float:
+        """The ``max_failed_share`` of the role named ``role`` (0.5 for a role this session did not build)."""
+        roles = [self.models.role("sut")] + list(self.judge.panel.roles if self.judge.panel else [])
+        return next((r.max_failed_share for r in roles if r.name == role and hasattr(r, "max_failed_share")), 0.5)
 
     def probes(self, progress: Progress) -> tuple[list[Probe], dict[str, Any]]:
         """Synthesize (or reuse, if the same corpus/generator/seed/mix made them before) and split; then
@@ -251,6 +311,19 @@ class Workers:
 
 def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
          workers: Workers | None = None) -> TuneResult:
+    """``run_tune`` with the spend caps of the config checked before every LM call (``spend.Caps``) and
+    the ledger as DSPy's usage tracker (tokens and dollars of every billed call, by role)."""
+    import dspy
+
+    from .spend import Caps
+
+    session.ledger.limit(Caps.of(session.cfg))
+    with dspy.context(usage_tracker=session.ledger):
+        return run_tune(session, rounds, observer, progress, workers)
+
+
+def run_tune(session: Session, rounds: int, observer: Observer, progress: Progress,
+             workers: Workers | None = None) -> TuneResult:
     """Probes -> baseline -> stage 1 (retrieval screened on the cheap objective, no LM call) -> per
     round: proposal, validation answers on growing slices (a clearly losing candidate is pruned),
     judgments, trust verdict, objective, gate -> the held-out test, touched once at the end to report.
@@ -338,9 +411,9 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
         mined_from: set[str] = set()
         mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
-            if spec.budget.calls is not None and ledger.total >= spec.budget.calls:
-                stop_reason = f"LM-call budget reached ({ledger.total} >= {spec.budget.calls}) after {i - 1} candidates"
-                log.info("%s", stop_reason)
+            if ledger.exhausted:  # a cap reached during the last candidate: it finished, no new one starts
+                stop_reason = f"{ledger.exhausted} after {i - 1} candidates"
+                log.warning("%s", stop_reason)
                 break
             if spec.budget.minutes is not None and (why := _out_of_time(
                     started, spec.budget.minutes, round_secs or [item_secs * n_val], 2 * item_secs * n_test, i - 1)):
@@ -451,6 +524,7 @@ def tune(session: Session, rounds: int, observer: Observer, progress: Progress,
         stats.update({f"time/{k.replace(' ', '_')}": round(v, 1) for k, v in ledger.seconds_by_stage.items()})
         if spec.budget.calls is not None:
             stats["calls/budget"] = spec.budget.calls
+        stats.update(_spend_stats(ledger))
         stats.update({f"search/{k}": v for k, v in optimizer.ledger().items()})
         moves = history[1:]
         stats["rounds/search"] = sum(any(n.startswith("search") for n in r.notes) for r in moves)
@@ -489,6 +563,18 @@ def _publish(pool: Any, optimizer: Optimizer, objective: Objective, incumbent: R
                  objective={"kind": "checks" if objective.kind == "checks" else "rubric",
                             "criteria": sorted(objective.criteria)},
                  llm_items=cfg.judge.monitor_sample if objective.kind == "checks" else None)
+
+
+def _spend_stats(ledger: CallLedger) -> dict[str, Any]:
+    """What each role spent (``calls/role/<role>``, ``tokens/<role>``, ``usd/<role>``) and in all, and the
+    calls that failed after their retries (``failures/<role>``)."""
+    out: dict[str, Any] = {}
+    for role, s in sorted(ledger.spend.items()):
+        out.update({f"calls/role/{role}": s.calls, f"tokens/{role}": s.tokens, f"usd/{role}": s.usd})
+    total = ledger.totals()
+    out.update({"tokens/total": total.tokens, "usd/total": total.usd})
+    out.update({f"failures/{role}": n for role, n in sorted(ledger.failed.items())})
+    return out
 
 
 def _evidence(history: list[Round], best: Round, test_base: Evaluation, test_best: Evaluation,

@@ -20,6 +20,9 @@ import json
 import logging
 import random
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +145,31 @@ class Panel:
                             "assistant prefill and returns top-20 logprobs (e.g. vLLM); items it cannot score "
                             "are recorded invalid (see the valid-score rate)", r.lm.model)
         self.rng = random.Random(seed)
+        self._local = threading.local()
+
+    @property
+    def concurrency(self) -> int:
+        """Items judged at once: the least of the members' ``concurrency`` (1 with a local member)."""
+        return min(getattr(r, "concurrency", 1) for r in self.roles)
+
+    def _token(self) -> str:
+        """A fresh fence token: the next of those handed to this thread (``using``), else the next draw."""
+        queue = getattr(self._local, "tokens", None)
+        return queue.pop(0) if queue else self.draw(1)[0]
+
+    def draw(self, n: int) -> list[str]:
+        """The next ``n`` fence tokens of the panel's seeded stream."""
+        return [f"DATA-{self.rng.getrandbits(48):012x}" for _ in range(n)]
+
+    @contextmanager
+    def using(self, tokens: list[str]) -> Iterator[None]:
+        """This thread's calls take their fence tokens from ``tokens`` (drawn beforehand in item order, so
+        items judged concurrently get the tokens, hence the prompts and cache keys, of a sequential run)."""
+        self._local.tokens = list(tokens)
+        try:
+            yield
+        finally:
+            self._local.tokens = None
 
     @property
     def primary(self) -> Role:
@@ -214,7 +242,7 @@ class Panel:
     def _score_one(self, role: Role, method: str, cs: list[LLMCriterion],
                    answer: Answer) -> list[tuple[float | None, str]]:
         """Per criterion, (raw score on its scale or None, rationale) from one judge model."""
-        token = f"DATA-{self.rng.getrandbits(48):012x}"
+        token = self._token()
         system, user = (m["content"] for m in criterion_prompt(cs if len(cs) > 1 else cs[0], answer, token))
         try:
             if method == "logprobs":
@@ -289,7 +317,7 @@ class Panel:
 
     def _compare_one(self, role: Role, method: str, c: LLMCriterion, first: Answer,
                      second: Answer) -> tuple[float | None, str]:
-        token = f"DATA-{self.rng.getrandbits(48):012x}"
+        token = self._token()
         system, user = (m["content"] for m in pairwise_prompt(c, first, second, token))
         try:
             if method == "logprobs":

@@ -98,7 +98,15 @@ def _near_duplicate(q: str, seen: list[set[str]]) -> bool:
 def synthesize(chunks: list[Chunk], role: Role, count: int, seed: int, max_attempts: int,
                progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> tuple[list[Probe], dict[str, int]]:
     """Up to ``count`` probes from sampled chunks; empty, malformed and duplicate questions are
-    dropped and counted (returned stats), never silently."""
+    dropped and counted (returned stats), never silently.
+
+    The generator's calls run ``role.concurrency`` at once, in batches no larger than the probes still
+    missing (each attempt yields at most one), and are filtered in attempt order: the same probes,
+    stats and calls as one at a time. A generator whose calls fail on more than its
+    ``max_failed_share`` of at least 10 attempts stops the tune (``spend.TuneStopped``)."""
+    from .parallel import run_ordered
+    from .spend import TuneStopped
+
     rng = random.Random(seed)
     pool = [(c, s) for c in chunks for s in candidate_sentences(c)]
     if not pool:
@@ -107,30 +115,48 @@ def synthesize(chunks: list[Chunk], role: Role, count: int, seed: int, max_attem
     stats = {"attempts": 0, "dropped_malformed": 0, "dropped_offtopic": 0, "dropped_duplicate": 0, "errors": 0}
     probes: list[Probe] = []
     seen: list[set[str]] = []
-    for i in progress(range(min(max_attempts, len(pool)))):
-        if len(probes) >= count:
-            break
-        chunk, (start, end, sentence) = pool[i]
-        stats["attempts"] += 1
+    workers = getattr(role, "concurrency", 1)
+    share = getattr(role, "max_failed_share", 0.5)
+    last_error = ""
+
+    def ask(i: int) -> str | Exception:
         try:
-            raw = write_question(role, sentence)
-        except Exception:
-            stats["errors"] += 1
-            continue
-        q = clean_question(str(raw))
-        if q is None or q.lower().rstrip("?") in sentence.lower():
-            stats["dropped_malformed"] += 1
-            continue
-        if not on_topic(q, sentence):
-            stats["dropped_offtopic"] += 1
-            continue
-        if _near_duplicate(q, seen):
-            stats["dropped_duplicate"] += 1
-            continue
-        seen.append(set(words(q)))
-        pid = hashlib.sha256(f"{q}|{chunk.doc}|{start}".encode()).hexdigest()[:12]
-        probes.append(Probe(id=pid, question=q, reference=sentence, source_doc=chunk.doc,
-                            source_start=start, source_end=end, source_chunk_ids=(chunk.id,)))
+            return write_question(role, pool[i][1][2])
+        except Exception as err:
+            return err
+
+    n = min(max_attempts, len(pool))
+    ticks = iter(progress(range(n)))
+    i = 0
+    while i < n and len(probes) < count:
+        batch = list(range(i, min(n, i + max(1, min(workers, count - len(probes))))))
+        for k, raw in zip(batch, run_ordered(ask, batch, workers)):
+            next(ticks, None)
+            chunk, (start, end, sentence) = pool[k]
+            stats["attempts"] += 1
+            if isinstance(raw, Exception):
+                stats["errors"] += 1
+                last_error = f"{type(raw).__name__}: {' '.join(str(raw).split())}"
+                continue
+            q = clean_question(str(raw))
+            if q is None or q.lower().rstrip("?") in sentence.lower():
+                stats["dropped_malformed"] += 1
+                continue
+            if not on_topic(q, sentence):
+                stats["dropped_offtopic"] += 1
+                continue
+            if _near_duplicate(q, seen):
+                stats["dropped_duplicate"] += 1
+                continue
+            seen.append(set(words(q)))
+            pid = hashlib.sha256(f"{q}|{chunk.doc}|{start}".encode()).hexdigest()[:12]
+            probes.append(Probe(id=pid, question=q, reference=sentence, source_doc=chunk.doc,
+                                source_start=start, source_end=end, source_chunk_ids=(chunk.id,)))
+        i = batch[-1] + 1
+        if stats["attempts"] >= 10 and stats["errors"] > share * stats["attempts"]:
+            raise TuneStopped(f"{role.name} calls failed on {stats['errors']} of {stats['attempts']} probe questions "
+                              f"(more than max_failed_share {share:g}, after retries); last error: {last_error}"[:400])
+    next(ticks, None)
     return probes, stats
 
 

@@ -250,7 +250,8 @@ class MlflowTracker:
         for (cut, value, split, label), v in by_group(result).items():
             m[f"{cut}/{value}/{split}_{label}"] = v
         top = ("judge/", "checks/", "alarms/", "calls/", "time/", "search/", "gate/", "objective/", "gain/", "rounds/",
-               "coverage/", "split_check/", "dedup/", "mined/", "feedback/", "probes_kind/")
+               "coverage/", "split_check/", "dedup/", "mined/", "feedback/", "probes_kind/",
+               "tokens/", "usd/", "failures/")
         m.update({(k if k.startswith(top) else f"stats/{k}"): float(v) for k, v in result.stats.items()
                   if isinstance(v, (int, float)) and not k.startswith(("judge/swap/round", "judge/retest/flip_rate",
                                                                         "judge/swap/consistency", "judge/trusted"))})
@@ -446,7 +447,7 @@ def _evidence_lines(st: dict[str, Any]) -> list[str]:
                    f"(n={int(st['gate/n_val'])}, paired SD {st['gate/paired_sd']:.3f}, 80% power at the gate's "
                    "confidence)")
     calls = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("calls/") and k not in
-             ("calls/total", "calls/budget")}
+             ("calls/total", "calls/budget") and not k.startswith("calls/role/")}
     if calls:
         budget = f" of a budget of {int(st['calls/budget'])}" if "calls/budget" in st else ""
         screened = int(st.get("search/stage1_settings_screened", 0))
@@ -457,6 +458,14 @@ def _evidence_lines(st: dict[str, Any]) -> list[str]:
     if secs:
         out.append(f"- wall time: {sum(secs.values()) / 60:.1f} min: "
                    + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items()))
+    spent = sorted(k.split("/", 2)[2] for k in st if k.startswith("calls/role/"))
+    if spent:
+        out.append("- spend by role: " + "; ".join(
+            f"{r} {int(st[f'calls/role/{r}'])} calls, {int(st.get(f'tokens/{r}', 0))} tokens, "
+            f"${float(st.get(f'usd/{r}', 0.0)):.4f}" + (f", {int(st[f'failures/{r}'])} failed" if f"failures/{r}" in st
+                                                        else "") for r in spent)
+                   + f"; total {int(st.get('tokens/total', 0))} tokens, ${float(st.get('usd/total', 0.0)):.4f} "
+                     "(tokens and dollars of billed calls: a cache hit is free)")
     if "rounds/search" in st:
         out.append(f"- candidates: {int(st['rounds/search'])} search moves, {int(st['rounds/rewrite'])} rewrites; "
                    f"{int(st['rounds/pruned'])} pruned early, {int(st['rounds/promoted'])} promoted; "

@@ -1,0 +1,109 @@
+"""Budgets: ``models.<role>.budget`` and ``optimizer.budget`` cap calls, tokens and dollars (LiteLLM's
+offline price map; the local model costs 0 but counts). A cap reached ends the tune after the current
+candidate, every finished round kept, the report saying which cap; the spend per role is logged to
+MLflow and printed."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import FakeModels, no_progress, write_config
+from selftune.config import load_config
+from selftune.errors import InputError
+from selftune.loop import Session, tune
+from selftune.spend import Caps, Spend, prices
+from selftune.stubserver import StubServer
+from selftune.tracking import MlflowTracker, report
+
+
+def test_prices_come_from_the_offline_map_and_the_local_model_is_free():
+    import litellm
+
+    assert prices("local") == (0.0, 0.0)
+    inp, out = prices("openai/gpt-4o-mini")
+    assert inp == litellm.model_cost["gpt-4o-mini"]["input_cost_per_token"] and 0 < inp < out
+    assert prices("openai/no-such-model-anywhere") is None
+
+
+def test_budget_keys_are_checked_naming_file_key_and_expectation(tmp_path, corpus_dir):
+    with pytest.raises(InputError, match=r"cfg.yaml: models.sut.budget.usd: expected a model LiteLLM's offline price "
+                                         r"map knows; openai/stub has no price"):
+        load_config(write_config(tmp_path, corpus_dir, models="{sut: {model: openai/stub, budget: {usd: 1}}}"))
+    with pytest.raises(InputError, match=r"models.judge.budget.calls"):
+        load_config(write_config(tmp_path, corpus_dir, models="{judge: {budget: {calls: 0}}}"))
+    with pytest.raises(InputError, match=r"optimizer.budget.tokens"):
+        load_config(write_config(tmp_path, corpus_dir, optimizer="{budget: {tokens: -5}}"))
+    cfg = load_config(write_config(tmp_path, corpus_dir, models="{judge: {model: openai/gpt-4o-mini, "
+                                                                "budget: {usd: 0.5, tokens: 900}}}"))
+    caps = Caps.of(cfg)
+    assert caps.roles["judge"] == {"calls": None, "tokens": 900, "usd": 0.5} and caps.tune["calls"] == 1500
+    assert caps.reached(Spend(), {"judge": Spend(tokens=899)}) is None
+    assert caps.reached(Spend(), {"judge": Spend(tokens=900)}) == \
+        "judge budget reached: 900 tokens >= 900 tokens (models.judge.budget.tokens)"
+
+
+def test_a_role_call_cap_ends_the_tune_after_the_current_candidate(tmp_path, corpus_dir):
+    from selftune.config import RoleBudget
+
+    cfg = load_config(write_config(tmp_path, corpus_dir))
+    session = Session(cfg, models=FakeModels())
+    probes, _ = session.probes(no_progress)
+    baseline = min(sum(p.split == "train" for p in probes), cfg.optimizer.train_items) + \
+        sum(p.split == "val" for p in probes)
+    # the SUT may answer the baseline (one call an item) and one call more: the first candidate reaches the cap
+    sut = cfg.models.sut.model_copy(update={"budget": RoleBudget(calls=baseline + 1)})
+    session.cfg = cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"sut": sut})})
+    tracker = MlflowTracker(cfg)
+    result = tune(session, 4, tracker, no_progress)
+    assert [r.index for r in result.rounds] == [0, 1]  # that candidate finished; no other started
+    assert len(result.rounds[1].val.judgments) in (len(result.rounds[0].val.judgments), *cfg.optimizer.slices)
+    why = result.stats["stopped_because"]
+    assert why.startswith("sut budget reached: ") and why.endswith(
+        f" >= {baseline + 1} calls (models.sut.budget.calls) after 1 candidates")
+    text = report(result)
+    assert f"- stopped: {why}" in text and "- spend by role: " in text and "; sut " in text
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["selftune.stopped_because"] == why
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
+    assert len(children) == 2  # every finished round kept
+    m = parent.data.metrics
+    assert m["calls/role/sut"] >= baseline + 1 and m["calls/role/judge"] > 0
+    assert m["tokens/sut"] == 2 * m["calls/role/sut"]  # the scripted engine reports 1 + 1 tokens a call
+    assert m["usd/sut"] == 0.0 and m["tokens/total"] == sum(v for k, v in m.items() if k.startswith("tokens/")
+                                                            and k != "tokens/total")
+
+
+def test_a_tune_token_cap_stops_before_any_candidate_once_reached(tmp_path, corpus_dir):
+    cfg = load_config(write_config(tmp_path, corpus_dir, optimizer="{rounds: 3, budget: {tokens: 10}}"))
+    result = tune(Session(cfg, models=FakeModels()), 3, MlflowTracker(cfg), no_progress)
+    assert [r.index for r in result.rounds] == [0]  # the probes alone spent more than 10 tokens
+    assert result.stats["stopped_because"].startswith("tune budget reached: ")
+    assert "(optimizer.budget.tokens) after 0 candidates" in result.stats["stopped_because"]
+    assert result.test_baseline.judgments  # the report's held-out test still ran
+
+
+def test_dollars_are_priced_per_role_from_the_providers_usage(tmp_path, corpus_dir):
+    """Every role a priced hosted id on a real local endpoint that reports usage: the judge's dollar cap
+    ends the tune after the baseline; its spend is the map's price times the tokens the server reported."""
+    with StubServer() as server:
+        spec = {"model": "openai/gpt-4o-mini", "api_base": server.base, "cache": False}
+        models = {r: spec for r in ("generator", "sut", "optimizer")}
+        models["judge"] = {**spec, "budget": {"usd": 1e-6}}
+        cfg = load_config(write_config(tmp_path, corpus_dir, models=json.dumps(models)))
+        session = Session(cfg)
+        try:
+            result = tune(session, 3, MlflowTracker(cfg), no_progress)
+        finally:
+            session.close()
+        usage = [json.loads(json.dumps(b)) for b in server.bodies]
+    assert len(usage) == server.requests
+    assert [r.index for r in result.rounds] == [0]
+    assert result.stats["stopped_because"].startswith("judge budget reached: $")
+    assert "(models.judge.budget.usd) after 0 candidates" in result.stats["stopped_because"]
+    inp, out = prices("openai/gpt-4o-mini")
+    spent = session.ledger.spend["judge"]
+    assert spent.tokens > 0 and 0 < spent.usd <= spent.tokens * out and spent.usd >= spent.tokens * inp
+    assert result.stats["usd/judge"] == spent.usd and result.stats["usd/total"] >= spent.usd
