@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,10 @@ def _lock_is_free(work: Path) -> bool:
 
 
 def _report(stdout: str) -> str:
-    return stdout[:stdout.index("MLflow run:")]
+    """The report, less its wall-time line (the only figure a replay may change)."""
+    text = stdout[:stdout.index("MLflow run:")]
+    assert "- wall time: " in text
+    return re.sub(r"^- wall time: .*$", "", text, flags=re.M)
 
 
 def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twice(tmp_path, server):
