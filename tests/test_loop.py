@@ -190,7 +190,7 @@ def test_a_clearly_losing_candidate_is_pruned_on_a_validation_slice(tmp_path, co
     assert "- wall time: " in report(result) and " baseline " in report(result).split("- wall time: ")[1]
 
 
-@pytest.mark.parametrize("budget, why", [("{calls: 1}", "LM-call budget reached"),
+@pytest.mark.parametrize("budget, why", [("{calls: 1}", "tune budget reached: "),
                                          ("{minutes: 0.001}", "time budget: ")])
 def test_a_budget_ends_the_tune_before_the_next_candidate_and_the_report_says_why(tmp_path, corpus_dir, budget, why):
     path = write_config(tmp_path, corpus_dir)
