@@ -75,11 +75,11 @@ def test_until_trusted_the_judge_scores_a_sample_and_once_trusted_every_item_it_
         (corpus_dir / f"valves{k}.txt").write_text(" ".join(
             f"Pump{k}{n} gasket{n} valve{k} opens at {10 * k + n} bar and closes again at {5 * n + k} bar."
             for n in range(6)), encoding="utf-8")
-    cfg, result, _ = run_with_judge(tmp_path, corpus_dir, reader, judge="{trust: {min_items: 3}, monitor_sample: 2}",
-                                    probes="{count: 30}")
+    cfg, result, _ = run_with_judge(tmp_path, corpus_dir, reader, judge="{trust: {min_items: 3, max_length_corr: null}, monitor_sample: 2}",
+                                    probes="{count: 30, mix: {single: 1.0}, dedup_similarity: 0.999}")
     rounds = result.rounds
-    assert result.stats["judge/verdict"].state == "trusted"
-    assert all(len(ev.judgments) > 2 for ev in (rounds[0].train, rounds[0].val))
+    assert result.stats["judge/verdict"].state == "trusted", result.stats["judge/verdict"].reasons
+    assert all(len(ev.judgments) > 2 for ev in (rounds[0].train, rounds[0].val)), result.stats
     assert not rounds[0].trusted and has_unscored_items(rounds[0].train)  # unproven: a sample of 2 was scored
     decided = [r for r in rounds[1:] if r.trusted and not r.pruned]
     assert decided

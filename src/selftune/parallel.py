@@ -7,14 +7,41 @@ from typing import Any
 
 
 def run_ordered(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
-    """``[fn(j) for j in jobs]``, at most ``workers`` at once, results in the order of ``jobs``. Each job
-    runs in a copy of the caller's context (DSPy's settings, e.g. the ledger as usage tracker, are
-    context variables a plain worker thread would not see). One worker (or one job): run inline."""
+    """``[fn(j) for j in jobs]``, at most ``workers`` at once, results in the order of ``jobs`` (the first
+    failing job's error, in job order, is raised once all have run). Each job runs in a copy of the
+    caller's context (DSPy's settings, e.g. the ledger as usage tracker, are context variables a plain
+    worker thread would not see). One worker (or one job): run inline.
+
+    The threads are daemons and the caller waits on a semaphore, so Ctrl-C or SIGTERM stops the tune at
+    once: a call still in flight (a server holding a request open) is abandoned, not waited for, as a
+    ``ThreadPoolExecutor`` would at shutdown and again at interpreter exit."""
     import contextvars
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
     if workers <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="selftune") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, fn, j) for j in jobs]
-        return [f.result() for f in futures]
+    contexts = [contextvars.copy_context() for _ in jobs]  # copied here, in the caller's thread
+    results: list[Any] = [None] * len(jobs)
+    errors: dict[int, BaseException] = {}
+    todo = iter(range(len(jobs)))
+    lock, finished = threading.Lock(), threading.Semaphore(0)
+
+    def work() -> None:
+        while True:
+            with lock:
+                k = next(todo, None)
+            if k is None:
+                return
+            try:
+                results[k] = contexts[k].run(fn, jobs[k])
+            except BaseException as err:  # noqa: BLE001 -- handed to the caller, in job order
+                errors[k] = err
+            finished.release()
+
+    for n in range(min(workers, len(jobs))):
+        threading.Thread(target=work, name=f"selftune-{n}", daemon=True).start()
+    for _ in jobs:
+        finished.acquire()  # a signal in the caller's thread interrupts this wait
+    if errors:
+        raise errors[min(errors)]
+    return results
