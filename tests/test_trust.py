@@ -75,7 +75,8 @@ def test_until_trusted_the_judge_scores_a_sample_and_once_trusted_every_item_it_
         (corpus_dir / f"valves{k}.txt").write_text(" ".join(
             f"Pump{k}{n} gasket{n} valve{k} opens at {10 * k + n} bar and closes again at {5 * n + k} bar."
             for n in range(6)), encoding="utf-8")
-    cfg, result, _ = run_with_judge(tmp_path, corpus_dir, reader, judge="{trust: {min_items: 3, max_length_corr: null}, monitor_sample: 2}",
+    judge = "{trust: {min_items: 3, max_length_corr: null}, monitor_sample: 2}"  # its length bias: not under test
+    cfg, result, _ = run_with_judge(tmp_path, corpus_dir, reader, judge=judge,
                                     probes="{count: 30, mix: {single: 1.0}, dedup_similarity: 0.999}")
     rounds = result.rounds
     assert result.stats["judge/verdict"].state == "trusted", result.stats["judge/verdict"].reasons
