@@ -4,7 +4,6 @@ the three servers) tune the same config one after the other: the second continue
 embeds nothing. Skipped, saying why, only where Debian's PostgreSQL binaries are absent."""
 
 import json
-import multiprocessing
 
 import optuna
 import pytest
@@ -19,7 +18,7 @@ from selftune.loop import Session, tune
 from selftune.search import REPEAT
 from selftune.studies import open_storage
 from selftune.tracking import MlflowTracker
-from test_studies import _worker, evaluated, key, search
+from test_studies import key, share_between_two_processes
 
 pytestmark = pytest.mark.skipif(
     postgres_bin() is None, reason="PostgreSQL binaries are absent (/usr/lib/postgresql/*/bin/initdb): install "
@@ -113,17 +112,4 @@ def test_two_machines_tune_one_config_against_postgres_mlflow_and_chroma(stack, 
 
 
 def test_two_processes_share_a_postgres_study(stack):
-    url = stack["pg"]["url"]["optuna"]
-    search(url, name="shared-pg").screen()
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, seed, 6, out, "shared-pg")) for seed in (1, 2)]
-    for p in procs:
-        p.start()
-    got = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    both = got[0] + got[1]
-    assert len(both) == 12 and len({key(p) for p in both}) == 12
-    assert sorted(map(key, evaluated(url, "shared-pg"))) == sorted(map(key, both))
+    share_between_two_processes(stack["pg"]["url"]["optuna"], "shared-pg")

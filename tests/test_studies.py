@@ -121,11 +121,13 @@ def _worker(url, seed, n, out, name="s"):
     out.put(got)
 
 
-def test_two_processes_share_one_study_and_never_evaluate_a_candidate_twice(url):
-    search(url).screen()  # stage 1 once, before the workers start (as the tune does)
+def share_between_two_processes(url, name="s"):
+    """Two forked processes take 6 candidates each from one study (stage 1 screened once, before they
+    start, as the tune does): 12 distinct candidates, exactly the trials the study holds."""
+    search(url, name=name).screen()
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, seed, 6, out)) for seed in (1, 2)]
+    procs = [ctx.Process(target=_worker, args=(url, seed, 6, out, name)) for seed in (1, 2)]
     for p in procs:
         p.start()
     got = [out.get(timeout=120) for _ in procs]
@@ -134,7 +136,11 @@ def test_two_processes_share_one_study_and_never_evaluate_a_candidate_twice(url)
         assert p.exitcode == 0
     both = got[0] + got[1]
     assert len(both) == 12 and len({key(p) for p in both}) == 12
-    assert sorted(map(key, evaluated(url))) == sorted(map(key, both))
+    assert sorted(map(key, evaluated(url, name))) == sorted(map(key, both))
+
+
+def test_two_processes_share_one_study_and_never_evaluate_a_candidate_twice(url):
+    share_between_two_processes(url)
 
 
 def test_study_name_is_stable_and_tracks_what_decides_a_value(tmp_path, corpus_dir):
