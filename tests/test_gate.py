@@ -80,3 +80,49 @@ def test_gain_pairs_by_probe_and_brackets_the_mean():
     g = gain(cand, inc, ON_C, GateSpec(), 0)
     assert g["gain"] == pytest.approx(0.25) and g["n"] == 6 and g["low"] < 0.25 < g["high"] and g["low"] > 0
     assert gain(ev([0.9]), ev([0.1]), ON_C, GateSpec(), 0) is None  # one pair is no interval
+
+
+def test_a_criterion_drop_within_noise_does_not_block_but_is_named():
+    """One 0/1 check lost on 1 item of 40 (-0.025, beyond max_criterion_drop 0.02) while the overall
+    gains clearly: the drop's own paired interval reaches 0, so it is noise, named in the reason; the same
+    drop on every item is a regression and blocks."""
+    rubric = Rubric.model_validate({"criteria": [
+        {"name": "c", "kind": "check", "check": {"type": "word_bounds"}},
+        {"name": "q", "kind": "check", "check": {"type": "word_bounds"}}]})
+    on = whole_rubric(rubric, 0.0)
+
+    def ev2(overall, q):
+        js = tuple(Judgment(answer=Answer(probe=Probe(id=str(i), question="q?", split="val"), text="a"),
+                            scores={"c": Score(value=o), "q": Score(value=v)}, overall=o)
+                   for i, (o, v) in enumerate(zip(overall, q)))
+        return Evaluation(params={}, split="val", judgments=js)
+
+    n = 40
+    inc = ev2([0.5] * n, [1.0] * n)
+    one_lost = ev2([0.6 + 0.01 * (i % 3) for i in range(n)], [0.0] + [1.0] * (n - 1))
+    d = decide(one_lost, inc, on, GateSpec(), 0)
+    assert d.criterion_deltas["q"] == pytest.approx(-0.025)
+    assert d.promote and "drops within noise: q -0.025" in d.reason
+    all_lost = ev2([0.6 + 0.01 * (i % 3) for i in range(n)], [0.9] * n)
+    d = decide(all_lost, inc, on, GateSpec(), 0)
+    assert not d.promote and d.reason.startswith("criteria regress: q -0.100 [-0.100, -0.100]")
+
+
+def test_the_mde_spread_is_pooled_within_comparisons_not_across_them():
+    """Two candidates, one a clear +0.2 and one a clear -0.2 against the same incumbent, each with a
+    small item-to-item spread: their own gains are effects, not noise, so the paired SD the minimum
+    detectable effect rests on is the within-comparison spread (~0.01), not the ~0.2 of the lot."""
+    from types import SimpleNamespace
+
+    from selftune.loop import _evidence
+    from selftune.records import GateDecision, Round
+
+    n = 20
+    base = ev([0.5] * n)
+    up = ev([0.7 + (0.01 if i % 2 else -0.01) for i in range(n)])
+    down = ev([0.3 + (0.01 if i % 2 else -0.01) for i in range(n)])
+    rounds = [Round(index=k, params={}, train=ev([], split="train"), val=v, incumbent_index=0,
+                    gate=GateDecision(promote=k == 0, reason="")) for k, v in enumerate((base, up, down))]
+    out = _evidence(rounds, rounds[0], base, base, ON_C, ON_C, SimpleNamespace(gate=GateSpec(), seed=0), n, False)
+    assert out["gate/paired_sd"] == pytest.approx(0.01026, abs=1e-4)  # sqrt(2 * 20 * 0.0001 / 38)
+    assert out["gate/min_detectable_effect"] < 0.01

@@ -1,6 +1,8 @@
 """Promotion: a candidate replaces the incumbent only when it beats it on validation by more than
 the noise (paired bootstrap interval of the mean per-probe gain above ``min_gain``) and no counted
-criterion drops by more than ``max_criterion_drop``. What a gain is comes from the ``Objective``."""
+criterion regresses: a criterion regresses when its mean drops by more than ``max_criterion_drop`` and
+its own paired bootstrap interval lies wholly below 0 (a drop within noise, e.g. one item of 42 on a
+0/1 check, is named in the reason but does not block). What a gain is comes from the ``Objective``."""
 
 from __future__ import annotations
 
@@ -40,8 +42,13 @@ def decide(candidate: Evaluation, incumbent: Evaluation, objective: Objective, s
                             reason=f"{prefix}fewer valid items than the incumbent "
                                    f"({n_valid(candidate)} < {n_valid(incumbent)})")
     mean, low, high = paired_bootstrap(diffs, spec.confidence, spec.resamples, seed)
-    crit = objective.deltas(candidate, incumbent)
-    drops = sorted(n for n, d in crit.items() if d < -spec.max_criterion_drop)
+    per_item = objective.item_deltas(candidate, incumbent)
+    crit = {n: sum(d) / len(d) for n, d in per_item.items()}
+    drops, noise = [], []  # "name mean [low, high]" of each criterion dropping beyond the tolerance
+    for n in sorted(crit):
+        if crit[n] < -spec.max_criterion_drop:
+            _, c_low, c_high = paired_bootstrap(per_item[n], spec.confidence, spec.resamples, seed)
+            (drops if c_high < 0 else noise).append(f"{n} {crit[n]:+.3f} [{c_low:+.3f}, {c_high:+.3f}]")
     common = dict(delta=mean, ci_low=low, ci_high=high, n_paired=len(diffs), criterion_deltas=crit)
     pct = int(spec.confidence * 100)
     ci = f"{pct}% CI [{low:+.3f}, {high:+.3f}]"
@@ -52,7 +59,9 @@ def decide(candidate: Evaluation, incumbent: Evaluation, objective: Objective, s
                                                   f"({ci})", **common)
     if drops:
         return GateDecision(promote=False, reason=f"{prefix}criteria regress: {', '.join(drops)}", **common)
-    return GateDecision(promote=True, reason=f"{prefix}gain {mean:+.3f}, {ci} above {spec.min_gain}", **common)
+    within = f"; drops within noise: {', '.join(noise)}" if noise else ""
+    return GateDecision(promote=True, reason=f"{prefix}gain {mean:+.3f}, {ci} above {spec.min_gain}{within}",
+                        **common)
 
 
 def paired_diffs(candidate: Evaluation, incumbent: Evaluation, objective: Objective) -> list[float]:

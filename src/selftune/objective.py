@@ -125,9 +125,14 @@ class Objective:
     def deltas(self, candidate: Evaluation, incumbent: Evaluation) -> dict[str, float]:
         """Mean change per counted criterion over paired items (pairwise: the LLM criteria's mean
         preference margin, 2P - 1)."""
+        return {n: sum(d) / len(d) for n, d in self.item_deltas(candidate, incumbent).items()}
+
+    def item_deltas(self, candidate: Evaluation, incumbent: Evaluation) -> dict[str, list[float]]:
+        """Per counted criterion, its paired per-item changes (pairwise: the LLM criteria's per-probe
+        preference margins, 2P - 1): what ``deltas`` averages and the gate bootstraps."""
         inc = {j.answer.probe.id: j for j in incumbent.judgments}
         pairs = [(j, inc[j.answer.probe.id]) for j in candidate.judgments if j.answer.probe.id in inc]
-        out: dict[str, float] = {}
+        out: dict[str, list[float]] = {}
         for c in self.rubric.criteria:
             if c.name not in self.criteria:
                 continue
@@ -135,12 +140,12 @@ class Objective:
                  if c.name in a.scores and c.name in b.scores
                  and a.scores[c.name].status == "ok" and b.scores[c.name].status == "ok"]
             if d:
-                out[c.name] = sum(d) / len(d)
+                out[c.name] = d
         if self.kind == "pairwise":
             for c in self.rubric.llm_criteria():
                 ps = [p[c.name] for p in self.prefs.values() if c.name in p]
                 if ps:
-                    out[c.name] = sum(2 * p - 1 for p in ps) / len(ps)
+                    out[c.name] = [2 * p - 1 for p in ps]
         return out
 
     def with_prefs(self, prefs: Mapping[str, Mapping[str, float]]) -> Objective:
