@@ -170,3 +170,50 @@ def test_steer_makes_the_optimizer_chase_only_the_trusted_criteria():
     assert opt.value(history[1].val) == pytest.approx(0.6)
     opt.steer(whole_rubric(RUBRIC, 0.0))  # back within the bar: every criterion again
     assert opt.value(history[1].val) == pytest.approx(0.9)
+
+
+def test_generation_levers_move_once_each_when_the_incumbents_answers_show_their_symptom():
+    """repeat_penalty goes to its highest choice when enough validation answers are padded or repetitive;
+    max_tokens one step up when as many stop mid-sentence; each once, after stage 1's first move, before
+    any draw or rewrite; a lever whose symptom is absent is never moved."""
+    space = {**SPACE, "repeat_penalty": ChoiceParam(type="choice", choices=[1.0, 1.1, 1.3], initial=1.0),
+             "max_tokens": ChoiceParam(type="choice", choices=[32, 48, 64], initial=48)}
+    base = {**BASE, "repeat_penalty": 1.0, "max_tokens": 48}
+    role = fake_role(lambda m: "Answer in one short sentence quoting the context, please.")
+    opt = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
+
+    def answers(texts, flags=()):
+        js = tuple(Judgment(answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split="val"), text=t),
+                            scores={"correct": Score(value=0.5)}, overall=0.5, flags=flags if i < 3 else ())
+                   for i, t in enumerate(texts))
+        return Evaluation(params=base, split="val", judgments=js)
+
+    # 3 of 10 answers repetitive (padding flag), 3 of 10 cut off mid-sentence
+    val = answers(["It is a list. " * 3] * 3 + ["It returns the value and"] * 3 + ["Done."] * 4,
+                  flags=("padding:repetitive",))
+    r0 = Round(index=0, params=base, train=val.model_copy(update={"split": "train"}), val=val,
+               gate=GateDecision(promote=True, reason=""), incumbent_index=0)
+    history = [r0]
+    p1, n1 = opt.propose(history)  # stage 1's first move comes first
+    assert n1[0].startswith("search: stage 1") and p1["repeat_penalty"] == 1.0
+    history.append(r0.model_copy(update={"index": 1, "params": p1, "incumbent_index": 0}))
+    p2, n2 = opt.propose(history)
+    assert p2 == {**base, "repeat_penalty": 1.3} and n2 == (
+        "lever: repeat_penalty 1.0 -> 1.3 (3 of 10 validation answers repetitive or padded)",)
+    history.append(r0.model_copy(update={"index": 2, "params": p2, "incumbent_index": 0}))
+    assert not opt.stage2_turn(history)  # round 3 is a search turn, but a lever is due: no worker's draw
+    p3, n3 = opt.propose(history)
+    assert p3 == {**base, "max_tokens": 64} and n3[0].startswith("lever: max_tokens 48 -> 64 (3 of 10")
+    history.append(r0.model_copy(update={"index": 3, "params": p3, "incumbent_index": 0}))
+    _, n4 = opt.propose(history)  # both moved once: back to search draws and rewrites
+    assert not n4[0].startswith("lever")
+
+    # no symptom (every answer a whole sentence, no flag): no lever is ever moved
+    calm = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
+    ok = answers(["It is a list."] * 10)
+    r0 = r0.model_copy(update={"val": ok})
+    history = [r0]
+    for i in range(1, 4):
+        p, notes = calm.propose(history)
+        assert not notes[0].startswith("lever")  # (a stage-2 draw may still try any value)
+        history.append(r0.model_copy(update={"index": i, "params": p, "incumbent_index": 0}))

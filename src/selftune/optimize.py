@@ -96,6 +96,30 @@ def rewrite_alarms(text: str, shown: list[Judgment], lengths: list[int]) -> list
 
 RETRIEVAL = ("top_k", "chunk_size", "chunk_overlap", "hybrid_weight")
 
+# Generation levers moved by rule when the incumbent's validation answers show the failure each one fixes
+# (a measured symptom, not a draw): how many answers must show it, as a share of the split and at least.
+LEVER_SHARE, LEVER_MIN = 0.1, 2
+_ENDS = re.compile(r"[.!?:;)\]\"'`*]\s*$")
+
+
+def repetitive(j: Judgment) -> bool:
+    """The answer degenerated into repetition or filler (the attack check's ``padding:*`` flags)."""
+    return any(f.startswith("padding:") for f in j.flags)
+
+
+def cut_off(j: Judgment) -> bool:
+    """The answer stops mid-sentence: it has words and does not end like a sentence (the token budget ran
+    out before the model finished)."""
+    text = j.answer.text.strip()
+    return j.answer.error is None and bool(re.search(r"\w", text)) and not _ENDS.search(text)
+
+
+LEVERS: dict[str, tuple[Callable[[Judgment], bool], str, str]] = {
+    # param: (symptom, what the symptom is called in the notes, how the param moves: "max" or "up")
+    "repeat_penalty": (repetitive, "repetitive or padded", "max"),
+    "max_tokens": (cut_off, "cut off mid-sentence", "up"),
+}
+
 
 def search_space(space: dict[str, ParamSpec]) -> tuple[dict[str, list[Any]], dict[str, Any]]:
     """The non-text params as (retrieval choices, other choices or distributions) for the search."""
@@ -142,6 +166,7 @@ class Optimizer:
         self._searched: dict[int, Params] = {}  # round -> the search params it evaluated
         self._cand: Any = None  # the search candidate being evaluated
         self._first_move_done = False
+        self._levers_moved: set[str] = set()  # each generation lever is moved by rule at most once
         self._history: list[Round] = []
         # Rewrites mutate a parent drawn from the pool of every text evaluated (pool.py). With a hosted
         # optimizer model and this train-only evaluation callback (set by the loop), GEPA does the mutating.
@@ -175,6 +200,11 @@ class Optimizer:
         return {"stage1_settings_screened": led.cheap, "stage2_full": led.full, "stage2_pruned": led.pruned,
                 "stage2_failed": led.failed, "carried": len(self.search.carried),
                 "pool_texts": sum(len(p.entries) for p in self.pools.values()), **self.pool_stats}
+
+    @property
+    def screen_seconds(self) -> float:
+        """Wall time of stage 1's one-off screen so far (the loop leaves it out of a round's time)."""
+        return self.search.screen_seconds
 
     def steer(self, objective: Objective) -> None:
         """Climb ``objective`` and show the rewriter only the reasons of its criteria. Called with
@@ -224,7 +254,8 @@ class Optimizer:
 
     def stage2_turn(self, history: list[Round]) -> bool:
         """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
-        return self._search_turn(history[-1].index + 1) and (self._first_move_done or not self.retrieval)
+        return (self._search_turn(history[-1].index + 1) and (self._first_move_done or not self.retrieval)
+                and self._lever_move(history) is None)
 
     def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
         """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
@@ -234,6 +265,13 @@ class Optimizer:
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1
         search_turn = self._search_turn(index)
+        if (self._first_move_done or not self.retrieval) and (lever := self._lever_move(history)) is not None:
+            name, value, note = lever  # a measured symptom first: before draws and rewrites
+            self._levers_moved.add(name)
+            params[name] = value
+            if name in self.retrieval or name in self.other:
+                self._searched[index] = self._sub(params)
+            return params, (note,)
         if search_turn:
             move = self._first_move(incumbent) if not self._first_move_done else None
             self._first_move_done = True
@@ -258,6 +296,29 @@ class Optimizer:
             params[name], note = self._rewrite(str(incumbent.params[name]), incumbent, spec, name)
             notes.append(f"{name}: {note}")
         return params, tuple(notes)
+
+    def _lever_move(self, history: list[Round]) -> tuple[str, Any, str] | None:
+        """The first generation lever (``LEVERS``) not yet moved whose symptom at least ``LEVER_SHARE``
+        (and ``LEVER_MIN``) of the incumbent's validation answers show, with the value it moves to:
+        (name, value, note); None when no lever is due."""
+        if not history:
+            return None
+        incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
+        answers = list(incumbent.val.judgments)
+        for name, (symptom, called, how) in LEVERS.items():
+            spec = self.space.get(name)
+            if name in self._levers_moved or not isinstance(spec, ChoiceParam | IntParam):
+                continue
+            values = (sorted(v for v in spec.choices if isinstance(v, int | float)) if isinstance(spec, ChoiceParam)
+                      else list(range(spec.low, spec.high + 1)))
+            now = incumbent.params.get(name, spec.initial)
+            higher = [v for v in values if isinstance(now, int | float) and v > now]
+            n = sum(symptom(j) for j in answers)
+            if not higher or n < max(LEVER_MIN, LEVER_SHARE * len(answers)):
+                continue
+            value = higher[-1] if how == "max" else higher[0]
+            return name, value, f"lever: {name} {now} -> {value} ({n} of {len(answers)} validation answers {called})"
+        return None
 
     def _first_move(self, incumbent: Round) -> Params | None:
         """The best retrieval setting of stage 1 (cheap objective, no LM call), everything else kept."""
