@@ -107,3 +107,25 @@ def test_dollars_are_priced_per_role_from_the_providers_usage(tmp_path, corpus_d
     spent = session.ledger.spend["judge"]
     assert spent.tokens > 0 and 0 < spent.usd <= spent.tokens * out and spent.usd >= spent.tokens * inp
     assert result.stats["usd/judge"] == spent.usd and result.stats["usd/total"] >= spent.usd
+
+
+def test_the_time_budget_leaves_stage_1s_one_off_screen_out_of_a_rounds_estimate(monkeypatch):
+    """A round that also ran stage 1's screen (a one-off) is estimated without it: with 600 s elapsed of
+    a 20-min budget, a 400-s round of which 300 s were the screen leaves room for another (100 s) plus the
+    test; counted whole (400 s) it would not."""
+    import time
+    from types import SimpleNamespace
+
+    from selftune import loop
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    opt = SimpleNamespace(screen_seconds=0.0)
+    round_started, screened = now[0], opt.screen_seconds
+    opt.screen_seconds, now[0] = 300.0, now[0] + 400.0
+    took = loop._took(round_started, screened, opt)
+    assert took == pytest.approx(100.0)
+    started = now[0] - 600.0
+    assert loop._out_of_time(started, 20, [took], 450.0, 1) == ""
+    why = loop._out_of_time(started, 20, [400.0], 450.0, 1)
+    assert why.startswith("time budget: 10.0 of 20 min used") and "stopped after 1 candidates" in why

@@ -401,7 +401,8 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         n_test = sum(p.split == "test" for p in probes)
         answered = len(base.train.judgments) + len(base.val.judgments)
         item_secs = ledger.seconds_by_stage.get("baseline", 0.0) / max(answered, 1)  # index build included
-        round_secs: list[float] = []
+        round_secs: list[float] = []  # each round's wall time less stage 1's one-off screen
+        val_secs = item_secs  # seconds per validation item of the latest full candidate: the test's pace
         if pool is not None:  # what a worker needs; never a test probe
             pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"], ahead=pool.ahead,
                          demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
@@ -416,11 +417,11 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 log.warning("%s", stop_reason)
                 break
             if spec.budget.minutes is not None and (why := _out_of_time(
-                    started, spec.budget.minutes, round_secs or [item_secs * n_val], 2 * item_secs * n_test, i - 1)):
+                    started, spec.budget.minutes, round_secs or [item_secs * n_val], 2 * val_secs * n_test, i - 1)):
                 stop_reason = why
                 log.info("%s", stop_reason)
                 break
-            round_started = time.perf_counter()
+            round_started, screened = time.perf_counter(), optimizer.screen_seconds
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             if cfg.probes.mine:  # new train probes near the incumbent's failures, answered by the next incumbent
                 ledger.stage = "mining"
@@ -451,8 +452,11 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             else:
                 cand, notes = optimizer.propose(history)
                 ledger.stage = "stage 2"
+                val_started = time.perf_counter()
                 val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices,
                                        stop=lambda js: optimizer.checkpoint(js, incumbent.val, cfg.gate))
+                if len(val.judgments) == n_val:
+                    val_secs = (time.perf_counter() - val_started) / max(n_val, 1)
             empty = Evaluation(params=cand, split="train", judgments=())
             if len(val.judgments) < n_val:  # pruned: recorded, never compared or promoted
                 monitor.observe([val])
@@ -461,7 +465,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                             notes=notes, judge_stats=dict(monitor.stats), trusted=trusted, pruned=True)
                 history.append(rnd)
                 observer.round(rnd)
-                round_secs.append(time.perf_counter() - round_started)
+                round_secs.append(_took(round_started, screened, optimizer))
                 continue
             ledger.stage = "judge monitoring"
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
@@ -494,7 +498,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                         judge_stats=stats_now, trusted=trusted)
             history.append(rnd)
             observer.round(rnd)
-            round_secs.append(time.perf_counter() - round_started)
+            round_secs.append(_took(round_started, screened, optimizer))
             if pool is not None:
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
         if pool is not None:
@@ -597,12 +601,18 @@ def _evidence(history: list[Round], best: Round, test_base: Evaluation, test_bes
                 if (v := obj.mean(ev)) is not None:
                     out[f"{on or 'objective/'}{split}_{label}"] = v
     # the paired gains of every candidate over the incumbent it faced (pruned ones on the items they reached)
+    # pooled within comparisons: a candidate's own mean gain is the effect, not noise, so each
+    # comparison's squared deviations are taken from its own mean (SD = sqrt(sum SS_k / sum (n_k - 1)))
     by_index = {r.index: r for r in history}
-    diffs = []
+    ss, dof = 0.0, 0
     for k in range(1, len(history)):
-        diffs += paired_diffs(history[k].val, by_index[history[k - 1].incumbent_index].val, objective)
-    if len(diffs) >= 2:
-        sd = statistics.stdev(diffs)
+        d = paired_diffs(history[k].val, by_index[history[k - 1].incumbent_index].val, objective)
+        if len(d) >= 2:
+            m = statistics.fmean(d)
+            ss += sum((x - m) ** 2 for x in d)
+            dof += len(d) - 1
+    if dof >= 1:
+        sd = (ss / dof) ** 0.5
         out["gate/paired_sd"] = sd
         if (mde := min_detectable_effect(sd, n_val, cfg.gate.confidence)) is not None:
             out["gate/min_detectable_effect"] = mde
@@ -620,9 +630,15 @@ def _say_trust(verdict: Verdict) -> None:
         log.warning("JUDGE BELOW THE TRUST BAR (%s): promoting on deterministic criteria only", why)
 
 
+def _took(round_started: float, screened: float, optimizer: Optimizer) -> float:
+    """A round's wall time, less stage 1's screen if it ran in it (a one-off no later round repeats)."""
+    return time.perf_counter() - round_started - (optimizer.screen_seconds - screened)
+
+
 def _out_of_time(started: float, minutes: float, round_secs: list[float], test_secs: float, done: int) -> str:
     """Why no further candidate fits in ``optimizer.budget.minutes`` (empty if one does): the slowest
-    round so far plus the held-out test (baseline and best, at the baseline's seconds per item)."""
+    round so far (stage 1's one-off screen left out) plus the held-out test (baseline and best, at the
+    latest full candidate's seconds per validation item)."""
     elapsed = time.perf_counter() - started
     if elapsed + max(round_secs) + test_secs <= minutes * 60:
         return ""

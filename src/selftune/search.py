@@ -49,6 +49,7 @@ import itertools
 import math
 import random
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ class MultiFidelitySearch:
         self._in_flight: set[Key] = set()  # candidates another process is evaluating (RUNNING trials)
         self._study: optuna.Study | None = None
         self._screening = False
+        self.screen_seconds = 0.0  # wall time stage 1's screen took in this process (a one-off, not a round's)
 
     # ---- stage 1 -------------------------------------------------------------------------------
     def _setting(self, params: Mapping[str, Value]) -> Params:
@@ -204,11 +206,13 @@ class MultiFidelitySearch:
             names = list(self.retrieval)
             grid = [dict(zip(names, v)) for v in itertools.product(*(self.retrieval[n] for n in names))]
             self._screening = True
+            t0 = time.perf_counter()
             try:
                 for setting in grid if len(grid) <= self.screen_budget else self._rng.sample(grid, self.screen_budget):
                     self._score(setting)
             finally:
                 self._screening = False
+                self.screen_seconds += time.perf_counter() - t0
             if all(v is None for v in self.scores.values()):
                 raise RuntimeError("stage 1: the cheap objective failed on every retrieval setting screened")
             self._save_scores()
