@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.config, *args.child, weak=args.weak)
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="selftune-bench-")).resolve()
-    if workdir.exists() and any(workdir.iterdir()):
+    if args.only != "weak" and workdir.exists() and any(workdir.iterdir()):
         ap.error(f"--workdir {workdir} is not empty; the first run must start cold")
+    # --only weak may reuse a first run's workdir (probes, indexes, cached calls), as it does in the full bench
     runs = {}
     names = (args.only,) if args.only else ("first", "rerun", "weak")[: 2 if args.skip_weak else 3]
     for name in names:

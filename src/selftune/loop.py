@@ -378,10 +378,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         # The judge model has proven nothing yet (its position consistency is measured from round 1 on),
         # so its scores cannot count: it scores a monitoring sample, completed once it earns trust.
         sample = cfg.judge.monitor_sample if monitor.model_scored and not pairwise_mode else None
-        base = Round(index=0, params=params, train=session.evaluate(params, probes, "train", progress,
-                                                                     limit=spec.train_items, llm_items=sample),
+        base_train = session.evaluate(params, probes, "train", progress, limit=spec.train_items, llm_items=sample)
+        val_started = time.perf_counter()  # the validation pace, the index build (done by train) left out
+        base = Round(index=0, params=params, train=base_train,
                      val=session.evaluate(params, probes, "val", progress, llm_items=sample),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
+        val_secs = (time.perf_counter() - val_started) / max(len(base.val.judgments), 1)
         ledger.stage = "judge monitoring"
         monitor.observe([base.train, base.val])
         monitor.retest([base.train, base.val])
@@ -399,10 +401,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         history = [base]
         observer.round(base)
         n_test = sum(p.split == "test" for p in probes)
-        answered = len(base.train.judgments) + len(base.val.judgments)
-        item_secs = ledger.seconds_by_stage.get("baseline", 0.0) / max(answered, 1)  # index build included
         round_secs: list[float] = []  # each round's wall time less stage 1's one-off screen
-        val_secs = item_secs  # seconds per validation item of the latest full candidate: the test's pace
+        # val_secs: seconds per validation item of the latest full candidate (the baseline's first), the pace
+        # a next round's validation and the held-out test are estimated at
         if pool is not None:  # what a worker needs; never a test probe
             pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"], ahead=pool.ahead,
                          demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
@@ -417,7 +418,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 log.warning("%s", stop_reason)
                 break
             if spec.budget.minutes is not None and (why := _out_of_time(
-                    started, spec.budget.minutes, round_secs or [item_secs * n_val], 2 * val_secs * n_test, i - 1)):
+                    started, spec.budget.minutes, round_secs or [val_secs * n_val], 2 * val_secs * n_test, i - 1)):
                 stop_reason = why
                 log.info("%s", stop_reason)
                 break
