@@ -13,7 +13,7 @@ from selftune.config import load_config
 from selftune.errors import InputError
 from selftune.loop import Session, tune
 from selftune.spend import Caps, Spend, prices
-from selftune.stubserver import StubServer
+from selftune.scripted import ScriptedServer
 from selftune.tracking import MlflowTracker, report
 
 
@@ -88,7 +88,7 @@ def test_a_tune_token_cap_stops_before_any_candidate_once_reached(tmp_path, corp
 def test_dollars_are_priced_per_role_from_the_providers_usage(tmp_path, corpus_dir):
     """Every role a priced hosted id on a real local endpoint that reports usage: the judge's dollar cap
     ends the tune after the baseline; its spend is the map's price times the tokens the server reported."""
-    with StubServer() as server:
+    with ScriptedServer() as server:
         spec = {"model": "openai/gpt-4o-mini", "api_base": server.base, "cache": False}
         models = {r: spec for r in ("generator", "sut", "optimizer")}
         models["judge"] = {**spec, "budget": {"usd": 1e-6}}
