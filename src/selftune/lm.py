@@ -12,6 +12,7 @@ field-marker / JSON adapters, which it cannot follow (measured: 1 of 3 sensible,
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import threading
@@ -261,9 +262,21 @@ def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict
             continue
         if mode is None and role.json_mode is None:
             role.json_mode = m
-        text = response.text or ""
+        text = _reply_text(response)
         return parse_json_object(text), text
     raise AssertionError("unreachable: the last mode returns or raises")
+
+
+def _reply_text(response: Any) -> str:
+    """A reply's text. DSPy's OpenAI client turns a JSON reply to a schema with an ``enum`` field (its
+    "judgment" shape, e.g. the pairwise ``winner``) into a data part and leaves no text: that object is the
+    reply, as JSON."""
+    if response.text:
+        return response.text
+    from dspy.lm15 import DataPart
+
+    data = [p.value for p in response.message.parts if isinstance(p, DataPart)]
+    return json.dumps(data[0]) if len(data) == 1 else ""
 
 
 def _schema_of(response_format: Any) -> dict[str, Any] | None:
