@@ -396,6 +396,7 @@ class CallLedger(BaseCallback):
         self.errors: dict[str, str] = {}  # the last such failure, by role
         self.caps = Caps()
         self.exhausted: str | None = None
+        self.marks: dict[str, dict[str, Spend]] = {}
         self._names: dict[int, str] = {}
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -448,6 +449,16 @@ class CallLedger(BaseCallback):
         for s in list(self.spend.values()):
             out.calls, out.tokens, out.usd = out.calls + s.calls, out.tokens + s.tokens, out.usd + s.usd
         return out
+
+    def mark(self, name: str) -> dict[str, Any]:
+        """The spend by role now (copies), kept as ``name``: the loop's forecast of a candidate's cost
+        subtracts two marks."""
+        from .spend import Spend
+
+        with self._lock:
+            snap = {r: Spend(s.calls, s.tokens, s.usd) for r, s in self.spend.items()}
+            self.marks[name] = snap
+        return snap
 
     def _check(self) -> None:
         if self.exhausted is None:

@@ -27,6 +27,7 @@ from .rag import RAG, load_system
 from .objective import Objective, checks_only
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
+from .spend import Forecast, combine, per_item
 from .trust import Monitor, Verdict, objective_for, preflight
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
     try:
         params = initial_params(cfg)
         ledger.stage = "baseline"
+        base_from = ledger.mark("baseline/start")
         # The judge model has proven nothing yet (its position consistency is measured from round 1 on),
         # so its scores cannot count: it scores a monitoring sample, completed once it earns trust.
         sample = cfg.judge.monitor_sample if monitor.model_scored and not pairwise_mode else None
@@ -382,6 +384,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                                                                      limit=spec.train_items, llm_items=sample),
                      val=session.evaluate(params, probes, "val", progress, llm_items=sample),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
+        # what the baseline cost per item answered and judged: the forecast of a candidate and of the test
+        forecast = Forecast(per_item=per_item(base_from, ledger.mark("baseline/end"),
+                                              len(base.train.judgments) + len(base.val.judgments)))
         ledger.stage = "judge monitoring"
         monitor.observe([base.train, base.val])
         monitor.retest([base.train, base.val])
@@ -413,6 +418,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         for i in range(1, rounds + 1):
             if ledger.exhausted:  # a cap reached during the last candidate: it finished, no new one starts
                 stop_reason = f"{ledger.exhausted} after {i - 1} candidates"
+                log.warning("%s", stop_reason)
+                break
+            spent = ledger.mark(f"round/{i}/start")
+            # no candidate starts that would leave too little of a cap for the held-out test
+            if why := ledger.caps.forecast(spent, forecast.candidate(n_val), forecast.test(n_test)):
+                stop_reason = f"{why}, so it stopped after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
             if spec.budget.minutes is not None and (why := _out_of_time(
@@ -462,6 +473,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 history.append(rnd)
                 observer.round(rnd)
                 round_secs.append(time.perf_counter() - round_started)
+                forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
                 continue
             ledger.stage = "judge monitoring"
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
@@ -495,6 +507,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             history.append(rnd)
             observer.round(rnd)
             round_secs.append(time.perf_counter() - round_started)
+            forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
             if pool is not None:
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
         if pool is not None:
