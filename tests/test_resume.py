@@ -119,13 +119,17 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     # the resumed tune is the uninterrupted one: same rounds, same promotions, same held-out report
     assert _report(res.stdout) == _report(ref.stdout)
     (whole,) = _tunes(tmp_path / "ref" / "work")
-    # the probes' synthesis stats too; the spend by role is what this process billed (reused probes cost
-    # the generator nothing), so it is left out
-    spend = ("tokens/", "usd/", "calls/role/")
-    assert {k for k in parent.data.metrics if not k.startswith(spend)} == \
-        {k for k in whole.data.metrics if not k.startswith(spend)}
+    # the probes' synthesis stats too
+    assert set(parent.data.metrics) == set(whole.data.metrics)
     assert parent.data.metrics["calls/total"] == whole.data.metrics["calls/total"]
     assert parent.data.metrics["calls/probes"] == whole.data.metrics["calls/probes"] > 0
+    # the spend covers the whole tune, kept in the workdir across the kill: what the killed process billed
+    # (the probes' synthesis too) and what the resumed one did (the call cut off was never billed)
+    assert (work / "spend" / f"{rid}.json").is_file()
+    m, w = parent.data.metrics, whole.data.metrics
+    assert {k: m[k] for k in m if k.startswith("calls/role/")} == {k: w[k] for k in w if k.startswith("calls/role/")}
+    assert m["tokens/generator"] == w["tokens/generator"] > 0
+    assert m["tokens/sut"] == w["tokens/sut"] and m["tokens/optimizer"] == w["tokens/optimizer"]
     # paid twice: only the judge's start-up probe (every start sends it) and the call the kill cut off
     paid = Counter(server.canonical(start))
     assert sum(paid.values()) == server.requests - start > middle - start
@@ -133,6 +137,7 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     assert ref_calls - paid == Counter()
     probe = next(b for b in extra if "What does the pass statement do?" in b)
     assert extra == Counter({probe: 1, in_flight: 1}), sorted(extra.values())
+    assert m["tokens/judge"] == w["tokens/judge"] > 0  # (the start-up probe is not billed to the tune)
     print(f"\nrequests: uninterrupted tune {sum(ref_calls.values())}; killed {middle - start} + resumed "
           f"{server.requests - middle}; ledger calls/total {int(whole.data.metrics['calls/total'])} both")
     assert _lock_is_free(work)

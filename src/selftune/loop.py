@@ -27,7 +27,7 @@ from .rag import RAG, load_system
 from .objective import Objective, checks_only
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
-from .spend import Forecast, combine, per_item
+from .spend import Forecast, combine, per_item, total
 from .trust import Monitor, Verdict, objective_for, preflight
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,9 @@ class Session:
         if cache.is_file():
             probes = P.load_jsonl(cache)
             stats: dict[str, Any] = json.loads(made_by.read_text(encoding="utf-8")) if made_by.is_file() else {}
-            ledger.by_stage["probes"] = before + int(stats.pop("calls", 0))
+            reused = int(stats.pop("calls", 0))
+            ledger.by_stage["probes"] = before + reused
+            ledger.recount("generator", reused)  # the generator's calls, read back
             stats["probes_reused"] = str(cache.name)
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
@@ -340,6 +342,8 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
     if session.corpus.skipped:
         stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)
+    if (pid := getattr(observer, "parent_id", None)) is not None:  # a resumed tune reads what it spent before
+        ledger.persist(cfg.workdir / "spend" / f"{pid}.json")
     n_val = sum(p.split == "val" for p in probes)
     plan = getattr(progress, "plan", None)  # an overall bar (runtime.TuneProgress) learns the tune's size
     if plan is not None:
@@ -416,11 +420,11 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         mined_from: set[str] = set()
         mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
-            if ledger.exhausted:  # a cap reached during the last candidate: it finished, no new one starts
-                stop_reason = f"{ledger.exhausted} after {i - 1} candidates"
+            spent = ledger.mark(f"round/{i}/start")  # (a replayed round's as it was the first time)
+            if why := ledger.caps.reached(total(spent), spent):  # a cap reached during the last candidate
+                stop_reason = f"{why} after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
-            spent = ledger.mark(f"round/{i}/start")
             # no candidate starts that would leave too little of a cap for the held-out test
             if why := ledger.caps.forecast(spent, forecast.candidate(n_val), forecast.test(n_test)):
                 stop_reason = f"{why}, so it stopped after {i - 1} candidates"
