@@ -13,7 +13,7 @@ from selftune.config import load_config
 from selftune.errors import InputError
 from selftune.loop import Session, tune
 from selftune.spend import Caps, Spend, prices
-from selftune.stubserver import StubServer
+from selftune.scripted import ScriptedServer
 from selftune.tracking import MlflowTracker, report
 
 
@@ -43,7 +43,7 @@ def test_budget_keys_are_checked_naming_file_key_and_expectation(tmp_path, corpu
         "judge budget reached: 900 tokens >= 900 tokens (models.judge.budget.tokens)"
 
 
-def test_a_role_call_cap_ends_the_tune_after_the_current_candidate(tmp_path, corpus_dir):
+def test_a_role_call_cap_starts_no_candidate_that_would_leave_too_little_for_the_test(tmp_path, corpus_dir):
     from selftune.config import RoleBudget
 
     cfg = load_config(write_config(tmp_path, corpus_dir))
@@ -51,16 +51,15 @@ def test_a_role_call_cap_ends_the_tune_after_the_current_candidate(tmp_path, cor
     probes, _ = session.probes(no_progress)
     baseline = min(sum(p.split == "train" for p in probes), cfg.optimizer.train_items) + \
         sum(p.split == "val" for p in probes)
-    # the SUT may answer the baseline (one call an item) and one call more: the first candidate reaches the cap
+    # the SUT may answer the baseline (one call an item) and one call more: a candidate would pass the cap
     sut = cfg.models.sut.model_copy(update={"budget": RoleBudget(calls=baseline + 1)})
     session.cfg = cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"sut": sut})})
     tracker = MlflowTracker(cfg)
     result = tune(session, 4, tracker, no_progress)
-    assert [r.index for r in result.rounds] == [0, 1]  # that candidate finished; no other started
-    assert len(result.rounds[1].val.judgments) in (len(result.rounds[0].val.judgments), *cfg.optimizer.slices)
+    assert [r.index for r in result.rounds] == [0]  # no candidate started
     why = result.stats["stopped_because"]
-    assert why.startswith("sut budget reached: ") and why.endswith(
-        f" >= {baseline + 1} calls (models.sut.budget.calls) after 1 candidates")
+    assert why.startswith(f"sut budget forecast: {baseline} calls spent + ~") and why.endswith(
+        f" for the held-out test > {baseline + 1} calls (models.sut.budget.calls), so it stopped after 0 candidates")
     text = report(result)
     assert f"- stopped: {why}" in text and "- spend by role: " in text and "; sut " in text
     client = MlflowClient(cfg.tracking_uri())
@@ -68,12 +67,59 @@ def test_a_role_call_cap_ends_the_tune_after_the_current_candidate(tmp_path, cor
     assert parent.info.status == "FINISHED" and parent.data.tags["selftune.stopped_because"] == why
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_id}'")
-    assert len(children) == 2  # every finished round kept
+    assert len(children) == 1  # every finished round kept
     m = parent.data.metrics
-    assert m["calls/role/sut"] >= baseline + 1 and m["calls/role/judge"] > 0
+    assert m["calls/role/sut"] >= baseline and m["calls/role/judge"] > 0
     assert m["tokens/sut"] == 2 * m["calls/role/sut"]  # the scripted engine reports 1 + 1 tokens a call
     assert m["usd/sut"] == 0.0 and m["tokens/total"] == sum(v for k, v in m.items() if k.startswith("tokens/")
                                                             and k != "tokens/total")
+
+
+def served_tune(tmp_path, corpus_dir, server, optimizer):
+    spec = {"model": "openai/stub", "api_base": server.base, "cache": False}
+    models = json.dumps({r: spec for r in ("generator", "sut", "judge", "optimizer")})
+    tmp_path.mkdir()
+    cfg = load_config(write_config(tmp_path, corpus_dir, models=models, optimizer=optimizer))
+    session = Session(cfg)
+    try:
+        result = tune(session, 3, MlflowTracker(cfg), no_progress)
+    finally:
+        session.close()
+    return result, session.ledger
+
+
+def test_a_tune_calls_cap_is_not_overrun_the_forecast_keeps_the_test_within_it(tmp_path, corpus_dir):
+    """On a real local endpoint: the tune uncapped, then capped one call short of what it spent. Checked only
+    before each call, the cap would let the last candidate start and the held-out test overrun it; the
+    forecast (the mean candidate so far, the baseline's cost per item times the test items) stops first."""
+    with ScriptedServer() as server:
+        free, free_ledger = served_tune(tmp_path / "free", corpus_dir, server, "{rounds: 3}")
+        spent = free_ledger.totals().calls
+        assert [r.index for r in free.rounds] == [0, 1, 2, 3] and "stopped_because" not in free.stats
+        cap = spent - 1
+        capped, ledger = served_tune(tmp_path / "capped", corpus_dir, server,
+                                     f"{{rounds: 3, budget: {{calls: {cap}}}}}")
+    assert ledger.totals().calls <= cap  # the held-out test ran, within the cap
+    assert capped.test_baseline.judgments and len(capped.rounds) < 4
+    why = capped.stats["stopped_because"]
+    assert why.startswith("tune budget forecast: ") and f"for the held-out test > {cap} calls " \
+        "(optimizer.budget.calls), so it stopped after " in why
+    assert f"- stopped: {why}" in report(capped)
+
+
+def test_the_forecast_of_a_candidate_and_the_test():
+    from selftune.spend import Forecast
+
+    f = Forecast(per_item={"sut": Spend(calls=1, tokens=10), "judge": Spend(calls=2, tokens=30, usd=0.01)})
+    assert f.candidate(5)["judge"] == Spend(calls=10, tokens=150, usd=0.05)  # before any: baseline per item
+    f.candidates += [{"sut": Spend(calls=4)}, {"sut": Spend(calls=8), "optimizer": Spend(calls=2)}]
+    assert f.candidate(5)["sut"].calls == 6 and f.candidate(5)["optimizer"].calls == 1
+    assert f.test(3)["sut"] == Spend(calls=6, tokens=60)  # the baseline and the best, 3 items each
+    caps = Caps(tune={"calls": 20}, roles={"sut": {"calls": None, "tokens": None, "usd": None}})
+    assert caps.forecast({"sut": Spend(calls=7)}, f.candidate(5), {"sut": Spend(calls=6)}) is None  # 7 + 7 + 6
+    assert caps.forecast({"sut": Spend(calls=8)}, f.candidate(5), {"sut": Spend(calls=6)}) == \
+        "tune budget forecast: 8 calls spent + ~7 calls for another candidate + ~6 calls for the held-out test > " \
+        "20 calls (optimizer.budget.calls)"
 
 
 def test_a_tune_token_cap_stops_before_any_candidate_once_reached(tmp_path, corpus_dir):
@@ -88,7 +134,7 @@ def test_a_tune_token_cap_stops_before_any_candidate_once_reached(tmp_path, corp
 def test_dollars_are_priced_per_role_from_the_providers_usage(tmp_path, corpus_dir):
     """Every role a priced hosted id on a real local endpoint that reports usage: the judge's dollar cap
     ends the tune after the baseline; its spend is the map's price times the tokens the server reported."""
-    with StubServer() as server:
+    with ScriptedServer() as server:
         spec = {"model": "openai/gpt-4o-mini", "api_base": server.base, "cache": False}
         models = {r: spec for r in ("generator", "sut", "optimizer")}
         models["judge"] = {**spec, "budget": {"usd": 1e-6}}

@@ -1,7 +1,7 @@
 """Concurrency (``models.<role>.concurrency``) gives a sequential run's results: the same probes, the
 same judgments in the same order, the same requests (prompts, fence tokens, hence cache keys), the
 same ledger. Every role is a served model on a real OpenAI-compatible server on 127.0.0.1
-(``selftune.stubserver``), called through the real ``ServedEngine`` / ``dspy.LM`` path. Not timed:
+(``selftune.scripted``), called through the real ``ServedEngine`` / ``dspy.LM`` path. Not timed:
 the server counts how many requests it handled at once. (The speed-up is measured by ``make bench``.)"""
 
 import json
@@ -13,7 +13,7 @@ from conftest import no_progress, write_config
 from selftune.config import initial_params, load_config
 from selftune.errors import InputError
 from selftune.loop import Session
-from selftune.stubserver import StubServer
+from selftune.scripted import ScriptedServer
 
 
 def served_models(base: str, concurrency: int, **extra) -> str:
@@ -23,7 +23,7 @@ def served_models(base: str, concurrency: int, **extra) -> str:
 
 def run_split(tmp_path, corpus_dir, concurrency):
     tmp_path.mkdir()
-    with StubServer(latency=0.05) as server:
+    with ScriptedServer(latency=0.05) as server:
         cfg = load_config(write_config(tmp_path, corpus_dir, models=served_models(server.base, concurrency)))
         session = Session(cfg)
         try:
@@ -57,6 +57,44 @@ def test_concurrent_answers_judgments_and_probes_equal_the_sequential_run(tmp_pa
     judged = [b for b in seq["split"] if b.get("response_format")]
     assert len(judged) == len(seq["ev"].judgments)
     assert par["by_role"] == seq["by_role"] and par["tokens"] == seq["tokens"] and sum(seq["tokens"].values()) > 0
+
+
+def monitor_run(tmp_path, corpus_dir, concurrency):
+    """Judge monitoring on served models: test-retest after a baseline, then a swap test of a candidate
+    against it. Returns its outcomes, the monitoring requests and the most it had in flight."""
+    from selftune.trust import Monitor
+
+    tmp_path.mkdir()
+    with ScriptedServer(latency=0.05) as server:
+        cfg = load_config(write_config(tmp_path, corpus_dir, models=served_models(server.base, concurrency),
+                                       judge="{retest_sample: 6, swap_sample: 6}"))
+        session = Session(cfg)
+        try:
+            probes, _ = session.probes(no_progress)
+            params = initial_params(cfg)
+            base = [session.evaluate(params, probes, split, no_progress) for split in ("train", "val")]
+            cand = session.evaluate({**params, "top_k": 1}, probes, "val", no_progress)
+            monitor = Monitor(session.rubric, session.judge, cfg.judge, cfg.seed)
+            server.max_inflight, before = 0, server.requests
+            retest = monitor.retest(base)
+            compared = monitor.compare(cand, base[1], cfg.judge.swap_sample)
+            return {"retest": retest, "compared": compared, "stats": dict(monitor.stats),
+                    "bodies": server.bodies[before:], "inflight": server.max_inflight}
+        finally:
+            session.close()
+
+
+def test_judge_monitoring_runs_in_the_judges_pool_with_the_sequential_outcomes(tmp_path, corpus_dir):
+    seq = monitor_run(tmp_path / "seq", corpus_dir, 1)
+    par = monitor_run(tmp_path / "par", corpus_dir, 8)
+    assert seq["inflight"] == 1 and par["inflight"] > 1  # test-retest and swap calls overlapped
+    assert seq["retest"]["retest/n"] >= 3 and seq["compared"]["n"] >= 2
+    assert par["retest"] == seq["retest"] and par["compared"] == seq["compared"] and par["stats"] == seq["stats"]
+    # the same requests (fence tokens, hence cache keys), each as often; one at a time, in item order
+    key = lambda b: json.dumps(b, sort_keys=True)  # noqa: E731
+    assert Counter(map(key, par["bodies"])) == Counter(map(key, seq["bodies"]))
+    pair = [b for b in seq["bodies"] if "winner" in json.dumps(b.get("response_format"))]
+    assert len(pair) == 2 * seq["compared"]["n"] and len(seq["bodies"]) == len(pair) + seq["retest"]["retest/n"]
 
 
 def test_the_local_model_stays_serialized(tmp_path, corpus_dir):

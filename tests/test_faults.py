@@ -1,4 +1,4 @@
-"""Faults and rate limits against a real local server that injects them (``selftune.stubserver``: 429 with
+"""Faults and rate limits against a real local server that injects them (``selftune.scripted``: 429 with
 Retry-After, 500/503, a reply slower than the timeout, a 200 whose body is not JSON, prose where JSON was
 asked for, a dropped connection), called through the real ``ServedEngine`` / ``dspy.LM`` path.
 
@@ -18,7 +18,7 @@ from selftune.config import initial_params, load_config
 from selftune.errors import InputError
 from selftune.loop import Session, tune
 from selftune.spend import TuneStopped
-from selftune.stubserver import StubServer
+from selftune.scripted import ScriptedServer
 from selftune.tracking import MlflowTracker
 
 SPEC = {"model": "openai/stub", "cache": False, "concurrency": 1, "retries": 2, "timeout": 1.0, "max_retry_wait": 2.0}
@@ -40,7 +40,7 @@ def served(tmp_path_factory):
     docs.mkdir()
     for name, text in DOCS.items():
         (docs / name).write_text(text, encoding="utf-8")
-    with StubServer() as rag, StubServer() as judge:
+    with ScriptedServer() as rag, ScriptedServer() as judge:
         cfg = config(tmp, docs, rag.base, judge.base)
         session = Session(cfg)
         probes, _ = session.probes(no_progress)
@@ -110,7 +110,7 @@ def test_a_role_failing_on_most_items_stops_with_one_line_naming_it(served):
 
 
 def test_a_tune_stopped_by_a_failing_judge_keeps_its_finished_rounds_in_mlflow(tmp_path, corpus_dir):
-    with StubServer() as rag, StubServer() as judge:
+    with ScriptedServer() as rag, ScriptedServer() as judge:
         cfg = config(tmp_path, corpus_dir, rag.base, judge.base)
         tracker = MlflowTracker(cfg)
 
@@ -137,7 +137,7 @@ def test_a_tune_stopped_by_a_failing_judge_keeps_its_finished_rounds_in_mlflow(t
 def test_the_cli_says_why_in_one_line_and_exits_3(tmp_path, corpus_dir):
     from selftune.cli import app
 
-    with StubServer() as rag, StubServer(faults=[""], fault_every=["503"]) as judge:  # the probe call passes
+    with ScriptedServer() as rag, ScriptedServer(faults=[""], fault_every=["503"]) as judge:  # the probe call passes
         cfg = config(tmp_path, corpus_dir, rag.base, judge.base)
         out = CliRunner().invoke(app, ["tune", str(cfg.source)])
     assert out.exit_code == 3, out.output
@@ -151,7 +151,7 @@ def test_a_judge_endpoint_down_at_start_is_a_clear_error_before_any_work(tmp_pat
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with StubServer() as rag:
+    with ScriptedServer() as rag:
         cfg = config(tmp_path, corpus_dir, rag.base, f"http://127.0.0.1:{port}/v1")
         with pytest.raises(InputError) as err:
             Session(cfg)

@@ -244,3 +244,26 @@ def test_local_threads_reach_llama_cpp():
     finally:
         engine.close()
     assert Engines(0).threads is None  # unset: LlamaCppEngine uses every core, as before
+
+
+def test_a_served_schema_reply_parsed_into_a_data_part_is_still_read(tmp_path, corpus_dir):
+    """DSPy's OpenAI client makes a JSON reply to a schema with an enum field (the pairwise verdict) a data
+    part, with no text: ask_json reads that object, so a hosted pairwise judgment is not lost as invalid."""
+    import json
+
+    from conftest import write_config
+    from selftune.config import load_config
+    from selftune.lm import ask_json
+    from selftune.loop import Session
+    from selftune.prompts import PAIR_SCHEMA
+    from selftune.scripted import ScriptedServer
+
+    with ScriptedServer() as server:
+        spec = {"model": "openai/stub", "api_base": server.base, "cache": False}
+        cfg = load_config(write_config(tmp_path, corpus_dir, models=json.dumps({"judge": spec})))
+        session = Session(cfg)
+        try:
+            obj, text = ask_json(session.judge.panel.roles[0], "Compare.", [("user", "A or B?")], PAIR_SCHEMA)
+        finally:
+            session.close()
+    assert obj is not None and obj["winner"] in ("A", "B") and json.loads(text) == obj

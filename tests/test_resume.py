@@ -1,6 +1,6 @@
 """Stopping and resuming, as a user meets them: ``selftune tune`` in a real process against a real
-OpenAI-compatible endpoint on 127.0.0.1 (``scripted_server``: FakeModels' replies, every request
-recorded), stopped by SIGKILL or SIGTERM inside a call the server holds, then resumed. No llama.cpp."""
+OpenAI-compatible endpoint on 127.0.0.1 (``selftune.scripted``: FakeModels' replies by model name, every
+request recorded), stopped by SIGKILL or SIGTERM inside a call the server holds, then resumed. No llama.cpp."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import DOCS, check_tune_record, write_config
-from scripted_server import ScriptedServer
+from selftune.scripted import ScriptedServer, role_reply
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ROLES = ("generator", "sut", "judge", "optimizer")
@@ -26,7 +26,7 @@ ROLES = ("generator", "sut", "judge", "optimizer")
 
 @pytest.fixture
 def server():
-    srv = ScriptedServer()
+    srv = ScriptedServer(reply=role_reply).start()
     yield srv
     srv.close()
 
@@ -95,8 +95,8 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     # the same tune uninterrupted, in a workdir of its own: what the stopped one must come to
     ref = _run(_config(tmp_path / "ref", server))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_calls = Counter(server.bodies())
-    start = len(server.requests)
+    ref_calls = Counter(server.canonical())
+    start = server.requests
 
     cfg = _config(tmp_path / "t", server)
     work = tmp_path / "t" / "work"
@@ -106,8 +106,8 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     assert proc.returncode == -signal.SIGKILL
     (killed,) = _tunes(work)
     assert killed.info.status == "RUNNING" and _lock_is_free(work)  # what SIGKILL leaves: no stale lock
-    in_flight = server.bodies(server.held)[0]
-    middle = len(server.requests)
+    in_flight = server.canonical(server.held)[0]
+    middle = server.requests
 
     res = _run(cfg, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -119,22 +119,27 @@ def test_sigkill_mid_round_then_resume_finishes_the_same_run_paying_no_call_twic
     # the resumed tune is the uninterrupted one: same rounds, same promotions, same held-out report
     assert _report(res.stdout) == _report(ref.stdout)
     (whole,) = _tunes(tmp_path / "ref" / "work")
-    # the probes' synthesis stats too; the spend by role is what this process billed (reused probes cost
-    # the generator nothing), so it is left out
-    spend = ("tokens/", "usd/", "calls/role/")
-    assert {k for k in parent.data.metrics if not k.startswith(spend)} == \
-        {k for k in whole.data.metrics if not k.startswith(spend)}
+    # the probes' synthesis stats too
+    assert set(parent.data.metrics) == set(whole.data.metrics)
     assert parent.data.metrics["calls/total"] == whole.data.metrics["calls/total"]
     assert parent.data.metrics["calls/probes"] == whole.data.metrics["calls/probes"] > 0
+    # the spend covers the whole tune, kept in the workdir across the kill: what the killed process billed
+    # (the probes' synthesis too) and what the resumed one did (the call cut off was never billed)
+    assert (work / "spend" / f"{rid}.json").is_file()
+    m, w = parent.data.metrics, whole.data.metrics
+    assert {k: m[k] for k in m if k.startswith("calls/role/")} == {k: w[k] for k in w if k.startswith("calls/role/")}
+    assert m["tokens/generator"] == w["tokens/generator"] > 0
+    assert m["tokens/sut"] == w["tokens/sut"] and m["tokens/optimizer"] == w["tokens/optimizer"]
     # paid twice: only the judge's start-up probe (every start sends it) and the call the kill cut off
-    paid = Counter(server.bodies(start))
-    assert sum(paid.values()) == len(server.requests) - start > middle - start
+    paid = Counter(server.canonical(start))
+    assert sum(paid.values()) == server.requests - start > middle - start
     extra = paid - ref_calls
     assert ref_calls - paid == Counter()
     probe = next(b for b in extra if "What does the pass statement do?" in b)
     assert extra == Counter({probe: 1, in_flight: 1}), sorted(extra.values())
+    assert m["tokens/judge"] == w["tokens/judge"] > 0  # (the start-up probe is not billed to the tune)
     print(f"\nrequests: uninterrupted tune {sum(ref_calls.values())}; killed {middle - start} + resumed "
-          f"{len(server.requests) - middle}; ledger calls/total {int(whole.data.metrics['calls/total'])} both")
+          f"{server.requests - middle}; ledger calls/total {int(whole.data.metrics['calls/total'])} both")
     assert _lock_is_free(work)
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import DOCS, ROOT
-from servers import chroma_server, free_port, mlflow_server, postgres, postgres_bin
+from servers import chroma_server, mlflow_server, postgres, postgres_bin
 from selftune import scripted
 from selftune.search import REPEAT
 from selftune.studies import open_storage
@@ -32,14 +31,8 @@ ROUNDS = 8
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = scripted.serve(free_port(), latency=0.1)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with scripted.ScriptedServer(latency=0.1, reply=scripted.role_reply) as server:
+        yield server.base
 
 
 def write_config(tmp: Path, base: str, storage: str, tracking: str, chroma: str) -> Path:

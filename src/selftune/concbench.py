@@ -1,6 +1,6 @@
 """``make bench``: the speed-up of ``models.<role>.concurrency`` on a split of at least 40 items.
 
-Every role is a served model (``openai/stub`` with ``api_base``) on ``selftune.stubserver``: a real
+Every role is a served model (``openai/stub`` with ``api_base``) on ``selftune.scripted``: a real
 OpenAI-compatible HTTP server on 127.0.0.1 whose every reply is written after ``time.sleep(latency)``
 in its own handler thread. That sleep is how the fixed per-call latency is produced: it stands for a
 hosted provider's round trip, costs no CPU, and so gives the same figure on a busy machine (the
@@ -51,9 +51,9 @@ def one(tmp: Path, latency: float, concurrency: int, count: int) -> dict[str, An
     from .config import initial_params, load_config
     from .loop import Session
     from .runtime import setup
-    from .stubserver import StubServer
+    from .scripted import ScriptedServer
 
-    with StubServer(latency=latency) as server:
+    with ScriptedServer(latency=latency) as server:
         cfg = load_config(_config(tmp, server.base, concurrency, count))
         setup(cfg.workdir)
         session = Session(cfg)

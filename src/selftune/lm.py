@@ -12,6 +12,7 @@ field-marker / JSON adapters, which it cannot follow (measured: 1 of 3 sensible,
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import threading
@@ -261,9 +262,21 @@ def ask_json(role: Role, system: str, turns: list[tuple[str, str]], schema: dict
             continue
         if mode is None and role.json_mode is None:
             role.json_mode = m
-        text = response.text or ""
+        text = _reply_text(response)
         return parse_json_object(text), text
     raise AssertionError("unreachable: the last mode returns or raises")
+
+
+def _reply_text(response: Any) -> str:
+    """A reply's text. DSPy's OpenAI client turns a JSON reply to a schema with an ``enum`` field (its
+    "judgment" shape, e.g. the pairwise ``winner``) into a data part and leaves no text: that object is the
+    reply, as JSON."""
+    if response.text:
+        return response.text
+    from dspy.lm15 import DataPart
+
+    data = [p.value for p in response.message.parts if isinstance(p, DataPart)]
+    return json.dumps(data[0]) if len(data) == 1 else ""
 
 
 def _schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -368,7 +381,15 @@ class CallLedger(BaseCallback):
     Thread-safe: calls of one split run in a pool (``concurrency``); ``stage`` is set by the loop
     between splits. Each thread keeps the role of the call it is in and the roles whose calls failed
     (after retries) on the item it is working on (``item`` / ``failed_roles``). Before every call and
-    after every reply the caps (``limit``) are checked; the first reached is kept in ``exhausted``."""
+    after every reply the caps (``limit``) are checked; the first reached is kept in ``exhausted``.
+
+    A tune's ledger is kept in its workdir (``persist``: ``<workdir>/spend/<parent run id>.json``, written
+    after every billed reply and every mark), so a resumed tune (``tune --resume``) spends, reports and
+    checks its caps on the whole tune: ``spend`` is this process's calls (the replay counts every call
+    again, cache hits included) and the tokens and dollars of every process that ran it (a replayed call
+    is a free cache hit; what the earlier processes billed comes from the file). A mark the earlier
+    process took (``mark``, e.g. before a candidate) is read back as it was, so the replayed rounds are
+    forecast and checked as they were the first time."""
 
     def __init__(self) -> None:
         from .spend import Caps, Spend
@@ -378,11 +399,15 @@ class CallLedger(BaseCallback):
         self._seconds: dict[str, float] = {}
         self.by_stage: dict[str, int] = {}
         self.by_role: dict[str, int] = {}
-        self.spend: dict[str, Spend] = {}
+        self.own: dict[str, Spend] = {}  # this process's spend
+        self.prior: dict[str, Spend] = {}  # tokens and dollars the earlier processes of a resumed tune billed
+        self.recorded: dict[str, dict[str, Spend]] = {}  # their marks
+        self._path: Path | None = None
         self.failed: dict[str, int] = {}  # calls that failed after their retries, by role
         self.errors: dict[str, str] = {}  # the last such failure, by role
         self.caps = Caps()
         self.exhausted: str | None = None
+        self.marks: dict[str, dict[str, Spend]] = {}
         self._names: dict[int, str] = {}
         self._models: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -432,9 +457,71 @@ class CallLedger(BaseCallback):
         from .spend import Spend
 
         out = Spend()
-        for s in list(self.spend.values()):
+        for s in self.spend.values():
             out.calls, out.tokens, out.usd = out.calls + s.calls, out.tokens + s.tokens, out.usd + s.usd
         return out
+
+    @property
+    def spend(self) -> dict[str, Any]:
+        """The spend by role of the whole tune (class docstring), as copies."""
+        from .spend import Spend
+
+        out = {r: Spend(s.calls, s.tokens, s.usd) for r, s in list(self.own.items())}
+        for r, s in self.prior.items():
+            mine = out.setdefault(r, Spend())
+            mine.tokens, mine.usd = mine.tokens + s.tokens, mine.usd + s.usd
+        return out
+
+    def recount(self, role: str, calls: int) -> None:
+        """Count ``calls`` of ``role`` read back without a call (probes reused from the workdir)."""
+        from .spend import Spend
+
+        with self._lock:
+            self.by_role[role] = self.by_role.get(role, 0) + calls
+            self.own.setdefault(role, Spend()).calls += calls
+            self._check()
+
+    def persist(self, path: Path) -> None:
+        """Keep this ledger in ``path`` from now on; what is there already (the tune being resumed) is
+        its earlier processes' spend and marks."""
+        from .spend import Spend
+
+        with self._lock:
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.prior = {r: Spend(0, int(s["tokens"]), float(s["usd"])) for r, s in data["spend"].items()}
+                self.recorded = {name: {r: Spend(**s) for r, s in mark.items()} for name, mark in data["marks"].items()}
+            self._path = path
+            self._check()
+            self._save()
+
+    def _save(self) -> None:
+        """Write the ledger (under the lock), whole or not at all."""
+        if self._path is None:
+            return
+        from dataclasses import asdict
+
+        data = {"spend": {r: asdict(s) for r, s in self.spend.items()},
+                "marks": {name: {r: asdict(s) for r, s in mark.items()} for name, mark in
+                          {**self.marks, **self.recorded}.items()}}
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self._path)
+
+    def mark(self, name: str) -> dict[str, Any]:
+        """The spend by role now, kept as ``name`` (the loop's forecast subtracts two marks); a mark an
+        earlier process of this tune took under that name is returned as it was."""
+        from .spend import Spend
+
+        with self._lock:
+            if name in self.recorded:
+                snap = self.recorded[name]
+            else:
+                snap = self.spend
+            self.marks[name] = snap
+            self._save()
+            return {r: Spend(s.calls, s.tokens, s.usd) for r, s in snap.items()}
 
     def _check(self) -> None:
         if self.exhausted is None:
@@ -462,7 +549,7 @@ class CallLedger(BaseCallback):
         with self._lock:
             self.by_stage[self.stage] = self.by_stage.get(self.stage, 0) + 1
             self.by_role[role] = self.by_role.get(role, 0) + 1
-            self.spend.setdefault(role, Spend()).calls += 1
+            self.own.setdefault(role, Spend()).calls += 1
             self._check()
 
     def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
@@ -484,10 +571,11 @@ class CallLedger(BaseCallback):
         prompt, completion = usage_tokens(usage)
         price = prices(self._models.get(role, model) if not model.startswith("local/") else "local") or (0.0, 0.0)
         with self._lock:
-            s = self.spend.setdefault(role, Spend())
+            s = self.own.setdefault(role, Spend())
             s.tokens += prompt + completion
             s.usd += prompt * price[0] + completion * price[1]
             self._check()
+            self._save()
 
 
 class Engines:

@@ -27,6 +27,7 @@ from .rag import RAG, load_system
 from .objective import Objective, checks_only
 from .records import Evaluation, GateDecision, Judgment, Params, Probe, Round, Split
 from .rubric import Rubric, load_rubric
+from .spend import Forecast, combine, per_item, total
 from .trust import Monitor, Verdict, objective_for, preflight
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,9 @@ class Session:
         if cache.is_file():
             probes = P.load_jsonl(cache)
             stats: dict[str, Any] = json.loads(made_by.read_text(encoding="utf-8")) if made_by.is_file() else {}
-            ledger.by_stage["probes"] = before + int(stats.pop("calls", 0))
+            reused = int(stats.pop("calls", 0))
+            ledger.by_stage["probes"] = before + reused
+            ledger.recount("generator", reused)  # the generator's calls, read back
             stats["probes_reused"] = str(cache.name)
         else:
             base = chunk_corpus(self.corpus, int(params.get("chunk_size", 800)), int(params.get("chunk_overlap", 0)))
@@ -339,6 +342,8 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
     if session.corpus.skipped:
         stats["corpus_skipped_because"] = session.corpus.skipped_summary()
     observer.start(cfg, rubric, probes, stats)
+    if (pid := getattr(observer, "parent_id", None)) is not None:  # a resumed tune reads what it spent before
+        ledger.persist(cfg.workdir / "spend" / f"{pid}.json")
     n_val = sum(p.split == "val" for p in probes)
     plan = getattr(progress, "plan", None)  # an overall bar (runtime.TuneProgress) learns the tune's size
     if plan is not None:
@@ -375,6 +380,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
     try:
         params = initial_params(cfg)
         ledger.stage = "baseline"
+        base_from = ledger.mark("baseline/start")
         # The judge model has proven nothing yet (its position consistency is measured from round 1 on),
         # so its scores cannot count: it scores a monitoring sample, completed once it earns trust.
         sample = cfg.judge.monitor_sample if monitor.model_scored and not pairwise_mode else None
@@ -384,6 +390,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                      val=session.evaluate(params, probes, "val", progress, llm_items=sample),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
         val_secs = (time.perf_counter() - val_started) / max(len(base.val.judgments), 1)
+        # what the baseline cost per item answered and judged: the forecast of a candidate and of the test
+        forecast = Forecast(per_item=per_item(base_from, ledger.mark("baseline/end"),
+                                              len(base.train.judgments) + len(base.val.judgments)))
         ledger.stage = "judge monitoring"
         monitor.observe([base.train, base.val])
         monitor.retest([base.train, base.val])
@@ -413,8 +422,14 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         mined_from: set[str] = set()
         mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
-            if ledger.exhausted:  # a cap reached during the last candidate: it finished, no new one starts
-                stop_reason = f"{ledger.exhausted} after {i - 1} candidates"
+            spent = ledger.mark(f"round/{i}/start")  # (a replayed round's as it was the first time)
+            if why := ledger.caps.reached(total(spent), spent):  # a cap reached during the last candidate
+                stop_reason = f"{why} after {i - 1} candidates"
+                log.warning("%s", stop_reason)
+                break
+            # no candidate starts that would leave too little of a cap for the held-out test
+            if why := ledger.caps.forecast(spent, forecast.candidate(n_val), forecast.test(n_test)):
+                stop_reason = f"{why}, so it stopped after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
             if spec.budget.minutes is not None and (why := _out_of_time(
@@ -467,6 +482,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 history.append(rnd)
                 observer.round(rnd)
                 round_secs.append(_took(round_started, screened, optimizer))
+                forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
                 continue
             ledger.stage = "judge monitoring"
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
@@ -500,6 +516,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             history.append(rnd)
             observer.round(rnd)
             round_secs.append(_took(round_started, screened, optimizer))
+            forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
             if pool is not None:
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
         if pool is not None:

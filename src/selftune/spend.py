@@ -5,7 +5,8 @@ Prices come from LiteLLM's *offline* cost map (``litellm.model_cost``, read with
 calls count. Calls are counted for every call (response-cache hits included, so a rerun stops where
 the first run did); tokens and dollars only for calls a provider answered (a cache hit is free). The
 ledger (``lm.CallLedger``) checks the caps before every call and after every reply; the loop ends the
-tune after the current candidate once one is reached (``Caps.reached``).
+tune after the current candidate once one is reached (``Caps.reached``), and starts no candidate that its
+forecast says would leave too little for the held-out test (``Forecast``, ``Caps.forecast``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,50 @@ class Spend:
     usd: float = 0.0
 
 
+ByRole = dict[str, Spend]
+
+
+def total(by_role: ByRole) -> Spend:
+    out = Spend()
+    for s in by_role.values():
+        out.calls, out.tokens, out.usd = out.calls + s.calls, out.tokens + s.tokens, out.usd + s.usd
+    return out
+
+
+def combine(a: ByRole, b: ByRole, k: float = 1.0) -> ByRole:
+    """Per role, ``a + k * b`` (``k = -1``: what was spent between two snapshots)."""
+    return {r: Spend(calls=a.get(r, Spend()).calls + k * b.get(r, Spend()).calls,  # type: ignore[arg-type]
+                     tokens=a.get(r, Spend()).tokens + k * b.get(r, Spend()).tokens,  # type: ignore[arg-type]
+                     usd=a.get(r, Spend()).usd + k * b.get(r, Spend()).usd) for r in {*a, *b}}
+
+
+def per_item(before: ByRole, after: ByRole, items: int) -> ByRole:
+    """What was spent between two snapshots, per item of ``items``."""
+    return combine({}, combine(after, before, -1), 1 / max(items, 1))
+
+
+@dataclass
+class Forecast:
+    """What the next candidate and the held-out test will cost, from what this tune has spent: a candidate,
+    the mean of the candidates so far (before the first: the baseline's cost per item times the validation
+    items); the test, the baseline's cost per item times the test items, twice (the baseline and the best are
+    both scored). Each a spend by role."""
+
+    per_item: ByRole = field(default_factory=dict)
+    candidates: list[ByRole] = field(default_factory=list)
+
+    def candidate(self, n_val: int) -> ByRole:
+        if not self.candidates:
+            return combine({}, self.per_item, n_val)
+        mean: ByRole = {}
+        for c in self.candidates:
+            mean = combine(mean, c, 1 / len(self.candidates))
+        return mean
+
+    def test(self, n_test: int) -> ByRole:
+        return combine({}, self.per_item, 2 * n_test)
+
+
 @dataclass
 class Caps:
     """The tune's caps (``optimizer.budget``) and each role's (``models.<role>.budget``); None: no cap."""
@@ -90,5 +135,21 @@ class Caps:
         return None
 
 
+    def forecast(self, spent: ByRole, candidate: ByRole, test: ByRole) -> str | None:
+        """A one-line reason naming the first cap that another ``candidate`` and then the held-out ``test``
+        would pass on top of ``spent`` (the spend by role), or None when both fit."""
+        scopes = [("tune", "optimizer.budget", self.tune, total(spent), total(candidate), total(test))]
+        scopes += [(role, f"{self.keys.get(role, f'models.{role}')}.budget", caps, spent.get(role, Spend()),
+                    candidate.get(role, Spend()), test.get(role, Spend())) for role, caps in self.roles.items()]
+        for who, key, caps, now, cand, tst in scopes:
+            for what, cap in caps.items():
+                spent_now, more, last = getattr(now, what), getattr(cand, what), getattr(tst, what)
+                if cap is not None and spent_now + more + last > cap:
+                    return (f"{who} budget forecast: {_fmt(what, spent_now)} spent + ~{_fmt(what, more)} for another "
+                            f"candidate + ~{_fmt(what, last)} for the held-out test > {_fmt(what, cap)} "
+                            f"({key}.{what})")
+        return None
+
+
 def _fmt(what: str, value: float) -> str:
-    return f"${value:.6g}" if what == "usd" else f"{int(value)} {what}"
+    return f"${value:.6g}" if what == "usd" else f"{round(value)} {what}"

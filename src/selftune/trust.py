@@ -32,6 +32,7 @@ from .checks import token_f1
 from .config import Config, JudgeSpec
 from .judge import UNSCORED, Judge
 from .objective import Objective, checks_only, pairwise, whole_rubric
+from .parallel import run_ordered
 from .records import Evaluation, Figure, Judgment, Verdict
 from .reliability import length_correlation, panel_agreement, retest_stats, spearman, swap_consistency
 from .rubric import LLMCriterion, RagasCriterion, Rubric
@@ -80,7 +81,10 @@ class Monitor:
         first_all: list[float] = []
         second_all: list[float] = []
         out: dict[str, float] = {}
-        redone = [again.judge(j.answer) for j in sample]  # a criterion group is re-scored as it was scored
+        # a criterion group is re-scored as it was scored; in a pool of the judge's concurrency, each item's
+        # fence tokens drawn first in item order (the prompts, hence cache keys, of a one-at-a-time run)
+        jobs = [(j.answer, again.reserve(j.answer)) for j in sample]
+        redone = run_ordered(lambda job: again.judge(job[0], tokens=job[1]), jobs, again.concurrency)
         for c in self.model_scored:
             first, second = [], []
             for j, r in zip(sample, redone):
@@ -110,12 +114,27 @@ class Monitor:
                  if j.answer.error is None and j.answer.probe.id in inc]
         if sample is not None:
             pairs = random.Random(self.seed + len(self._swaps)).sample(pairs, min(sample, len(pairs)))
+        llm = self.llm
+
+        def both_orders(job: tuple[Judgment, Judgment, list[str]]) -> list[tuple[Any, ...]]:
+            cand, old, tokens = job
+            out = []
+            with panel.using(tokens):
+                for c in llm:
+                    v1, p1, _ = panel.compare(c, cand.answer, old.answer)   # candidate shown as A
+                    v2, p2, _ = panel.compare(c, old.answer, cand.answer)   # candidate shown as B
+                    out.append((c, v1, p1, v2, p2))
+            return out
+
+        # the pairs in a pool of the judge's concurrency; each pair's fence tokens drawn first, in pair order
+        # (two comparisons per criterion, one token each per member): a one-at-a-time run's prompts
+        per_pair = len(llm) * 2 * len(panel.roles)
+        compared = run_ordered(both_orders, [(cand, old, panel.draw(per_pair)) for cand, old in pairs],
+                               panel.concurrency)
         swaps: list[tuple[str, str]] = []
         prefs: dict[str, dict[str, float]] = {}
-        for cand, old in pairs:
-            for c in self.llm:
-                v1, p1, _ = panel.compare(c, cand.answer, old.answer)   # candidate shown as A
-                v2, p2, _ = panel.compare(c, old.answer, cand.answer)   # candidate shown as B
+        for (cand, _), results in zip(pairs, compared):
+            for c, v1, p1, v2, p2 in results:
                 if p1 is None or p2 is None:  # a failed comparison is counted, never taken as a tie
                     self.stats["swap/invalid"] = self.stats.get("swap/invalid", 0.0) + 1
                     continue

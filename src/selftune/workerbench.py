@@ -1,14 +1,14 @@
 """``make bench`` (workers): wall time of the same tune in one process, with 1 worker and with 2 workers,
 against a model endpoint with a fixed latency per call.
 
-Every role is a model behind ``selftune.scripted``: a stdlib ``ThreadingHTTPServer`` answering
-``/v1/chat/completions`` on 127.0.0.1 after ``time.sleep(latency)`` per call (the wait of a hosted model,
-spent without CPU, so the figure measures how much of that wait workers overlap rather than this
-machine's load). Each run gets a fresh work directory (no response cache, index or study carried over),
-its own SQLite study (``optimizer.storage``), the demo corpus and the same seed and rounds. Reported per
-run: wall seconds, rounds, candidates gated from workers, calls served by the endpoint, and the speed-up
-over one process. Worker processes each load the embedder and build their own Session: a fixed cost
-that the latency has to outweigh.
+Every role is a model behind ``selftune.scripted`` (``role_reply``: answers by the model's name): a stdlib
+``ThreadingHTTPServer`` answering ``/v1/chat/completions`` on 127.0.0.1 after ``time.sleep(latency)`` per
+call (the wait of a hosted model, spent without CPU, so the figure measures how much of that wait workers
+overlap rather than this machine's load). Each run gets a fresh work directory (no response cache, index or
+study carried over), its own SQLite study (``optimizer.storage``), the demo corpus and the same seed and
+rounds. Reported per run: wall seconds, rounds, candidates gated from workers, calls served by the endpoint,
+and the speed-up over one process. Worker processes each load the embedder and build their own Session: a
+fixed cost that the latency has to outweigh.
 
     python -m selftune.workerbench [--latency 0.3] [--rounds 6] [--probes 18] [--out FILE]
 """
@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,11 @@ def config(tmp: Path, base: str, rounds: int, probes: int) -> Path:
     return path
 
 
-def run(tmp: Path, base: str, rounds: int, probes: int, workers: int) -> dict[str, Any]:
-    path = config(tmp, base, rounds, probes)
+def run(tmp: Path, server: scripted.ScriptedServer, rounds: int, probes: int, workers: int) -> dict[str, Any]:
+    path = config(tmp, server.base, rounds, probes)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
-    before = scripted.Handler.calls
+    before = server.requests
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "selftune.cli", "tune", str(path)] + (["--workers", str(workers)] if workers else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -70,7 +69,7 @@ def run(tmp: Path, base: str, rounds: int, probes: int, workers: int) -> dict[st
     rounds_done = sum(1 for line in done.stdout.splitlines() if line.startswith("|") and line.split("|")[1].strip()
                       .isdigit())
     return {"workers": workers, "seconds": round(seconds, 1), "rounds": rounds_done - 1,
-            "from_workers": done.stdout.count("(a worker's)"), "calls_served": scripted.Handler.calls - before}
+            "from_workers": done.stdout.count("(a worker's)"), "calls_served": server.requests - before}
 
 
 def main() -> None:
@@ -81,18 +80,16 @@ def main() -> None:
     ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to time")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    server = scripted.serve(0, a.latency)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server = scripted.ScriptedServer(latency=a.latency, reply=scripted.role_reply).start()
     results = []
     try:
         for n in (int(x) for x in a.workers.split(",")):
             with tempfile.TemporaryDirectory(prefix="selftune-workerbench-") as tmp:
-                r = run(Path(tmp), base, a.rounds, a.probes, n)
+                r = run(Path(tmp), server, a.rounds, a.probes, n)
             results.append(r)
             print(json.dumps(r), flush=True)
     finally:
-        server.shutdown()
+        server.close()
     one = next((r["seconds"] for r in results if r["workers"] == 0), None)
     for r in results:
         r["speedup_vs_one_process"] = round(one / r["seconds"], 2) if one else None
