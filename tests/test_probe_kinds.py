@@ -103,6 +103,34 @@ def test_procedural_extraction_and_user_style_rewrites():
     assert typo != q.lower().rstrip("?") and len(typo.split()) == len(q.split())
 
 
+def test_procedural_questions_are_cut_at_a_clause_boundary():
+    long = ("The with statement is used to wrap the execution of a block of code with methods defined by a "
+            "context manager so that common try and finally usage patterns can be encapsulated for reuse.")
+    q = K.procedure(long)
+    assert q == "How do I wrap the execution of a block of code with methods defined by a context manager?"
+    assert len(q) - len("How do I ?") <= K.MAX_VP
+    # no clause boundary within the limit: no question rather than one cut mid-clause
+    assert K.procedure("The statement is used to " + " ".join(["frobnicate"] * 12) + " and more.") is None
+    assert K.clause_cut("delete names when they are bound", 20) == "delete names"
+    assert K.clause_cut("delete the names bound in a block when they leave it", 20) is None
+
+
+def test_multi_questions_whose_halves_repeat_are_dropped(corpus, monkeypatch):
+    assert K.same_question("What does the pass statement do?", "What does the pass statement do?")
+    assert K.same_question("What does the pass statement do?", "What does a pass statement do?")
+    assert not K.same_question("What does the pass statement do?", "When is the break statement executed?")
+    c, chunks = corpus
+    probes, _ = K.make_probes(chunks, c.docs, generator(), {"multi": 1}, 3, seed=0, max_attempts=12)
+    assert probes
+    for p in probes:
+        a, b = p.question.split(", and ")
+        assert not K.same_question(a + "?", b)
+    # a generator that writes one question whatever the sentence: every pair repeats itself
+    monkeypatch.setattr(K, "_ask", lambda ctx, sentence, persona: "What does the statement do?")
+    probes, stats = K.make_probes(chunks, c.docs, generator(), {"multi": 1}, 3, seed=0, max_attempts=12)
+    assert probes == [] and stats["dropped_repeat"] == 12
+
+
 def test_unanswerable_verification_drops_what_the_corpus_answers(corpus):
     c, _ = corpus
     # the del topic says when a feature changed ("Changed in version 3.2"): its year/version is answered

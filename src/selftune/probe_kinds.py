@@ -9,12 +9,14 @@ the corpus says, so its evidence is known by construction:
   reference: that sentence, source: its span.
 - ``multi``: two sentences from two passages (the same document, another chunk, or the document whose
   text shares most words with it); the generator writes one question per sentence and a template joins
-  them ("..., and ...?"). Reference: both sentences; sources: both spans (``more_sources``).
+  them ("..., and ...?"); two halves asking the same thing are dropped (``same_question``). Reference:
+  both sentences; sources: both spans (``more_sources``).
 - ``comparison``: two documents whose opening sentences are nearest by embedding; template "How does
   <topic A> differ from <topic B>?" (topics from the documents' first headings). Reference: both
   opening sentences; sources: both spans.
 - ``procedural``: extraction. A sentence saying "X is a way to V", "is used to V", "To V, ...",
-  "allows you to V" becomes "How do I V?"; reference and source: that sentence. Where no sentence
+  "allows you to V" becomes "How do I V?" (a verb phrase over 90 characters cut at a clause boundary,
+  ``clause_cut``); reference and source: that sentence. Where no sentence
   matches, the generator is asked for a "How do I ...?" question under a schema (counted apart).
 - ``unanswerable``: a near-miss, by template. A name the corpus mentions (a quoted name or identifier)
   is asked about something of a type the corpus does not state (who proposed it, its year, memory,
@@ -57,13 +59,19 @@ UNANSWERABLE = (
                                                       r"|\befficien|\bbenchmark"),
     ("Which companies use {x} in production?", r"\bcompan(?:y|ies)\b|\bin production\b|\bindustry\b"),
 )
-_PROCEDURE = (
-    re.compile(r"\b(?:a|the|one) (?:\w+ )?way to (?P<vp>[a-z][^,;:.()\"]{8,90})"),
-    re.compile(r"\b(?:is|are|can be|may be) used to (?P<vp>[a-z][^,;:.()\"]{8,90})"),
-    re.compile(r"^To (?P<vp>[a-z][^,;:.()\"]{8,90}),"),
+_PROCEDURE = (  # the verb phrase runs to the next punctuation; ``procedure`` cuts it at a clause boundary
+    re.compile(r"\b(?:a|the|one) (?:\w+ )?way to (?P<vp>[a-z][^,;:.()\"]{8,})"),
+    re.compile(r"\b(?:is|are|can be|may be) used to (?P<vp>[a-z][^,;:.()\"]{8,})"),
+    re.compile(r"^To (?P<vp>[a-z][^,;:.()\"]{8,}),"),
     re.compile(r"\b(?:allows?|lets?|enables?) (?:you|the user|the programmer|programs?) to (?P<vp>[a-z][^,;:.()\"]"
-               r"{8,90})"),
+               r"{8,})"),
 )
+MAX_VP = 90  # characters of the "How do I ...?" verb phrase
+# where a clause ends inside a verb phrase: before a conjunction or a relative/subordinating word
+_CLAUSE_WORDS = (r"(?:and|or|but|which|that|who|whose|where|when|whenever|while|if|unless|because|so|since|as|"
+                 r"although|though|whereas|until|before|after|then|otherwise)")
+_CLAUSE = re.compile(r"\s+(?=" + _CLAUSE_WORDS + r"\b)")
+_CLAUSE_TAIL = re.compile(r"(?:\s+" + _CLAUSE_WORDS + r")+$")  # "so" of "so that", "and" of "and when"
 HOW_SCHEMA = {"type": "object", "required": ["question"], "properties": {"question": {
     "type": "string", "pattern": "^How (do|can) I [^?\\n]{10,100}[?]$"}}}
 HOW_DEMOS = (("The with statement is used to wrap the execution of a block with methods defined by a context "
@@ -269,6 +277,12 @@ def _partner(ctx: Context, chunk: Chunk, sentence: str) -> tuple[Chunk, tuple[in
     return None if best is None else (best[1], best[2])
 
 
+def same_question(a: str, b: str) -> bool:
+    """The two questions ask the same thing: the same content words, or nearly the same words."""
+    ca, cb = P.content_words(a), P.content_words(b)
+    return (bool(ca) and ca == cb) or P._near_duplicate(a, [set(P.words(b))])
+
+
 def gen_multi(ctx: Context) -> Iterator[Probe | None]:
     for chunk, sent in ctx.fresh():
         persona = ctx.persona()
@@ -276,6 +290,10 @@ def gen_multi(ctx: Context) -> Iterator[Probe | None]:
         q1 = _ask(ctx, sent[2], persona)
         q2 = _ask(ctx, other[1][2], persona) if other is not None and q1 is not None else None
         if q1 is None or q2 is None or other is None:
+            yield None
+            continue
+        if same_question(q1, q2):  # two halves asking one thing: not a two-passage question
+            ctx.count("dropped_repeat")
             yield None
             continue
         q = f"{q1[:-1].rstrip()}, and {q2[0].lower()}{q2[1:]}"
@@ -331,12 +349,30 @@ def gen_comparison(ctx: Context) -> Iterator[Probe | None]:
                      more=(Span(doc=cb.doc, start=sb[0], end=sb[1]),), more_chunks=(cb.id,))
 
 
+def clause_cut(vp: str, limit: int = MAX_VP) -> str | None:
+    """``vp`` if it fits in ``limit`` characters, else its longest run of whole clauses that does (cut
+    before "and", "which", "when"...); None if even its first clause is longer."""
+    vp = vp.strip()
+    if len(vp) <= limit:
+        return vp
+    cuts = [m.start() for m in _CLAUSE.finditer(vp) if 0 < m.start() <= limit]
+    for cut in reversed(cuts):
+        head = _CLAUSE_TAIL.sub("", vp[:cut].rstrip())
+        if head:
+            return head
+    return None
+
+
 def procedure(sentence: str) -> str | None:
-    """"How do I V?" from a sentence that says how to V; None if it says no such thing."""
+    """"How do I V?" from a sentence that says how to V; None if it says no such thing. A long verb
+    phrase is cut at a clause boundary (``clause_cut``), never inside a clause."""
     for pat in _PROCEDURE:
         m = pat.search(sentence)
         if m:
-            vp = re.sub(r"\s+(?:the|a|an|and|or|of|to|in|with|that|which)$", "", m.group("vp").strip())
+            vp = clause_cut(m.group("vp"))
+            if vp is None:
+                continue
+            vp = re.sub(r"\s+(?:the|a|an|and|or|of|to|in|with|that|which)$", "", vp)
             if len(vp.split()) >= 3:
                 return f"How do I {vp}?"
     return None
