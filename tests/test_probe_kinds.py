@@ -68,7 +68,7 @@ def test_every_kind_is_made_with_its_own_evidence(corpus):
             for doc, a, b in spans:
                 assert " ".join(c.docs[doc][a:b].split()) in p.reference
         elif p.kind == "unanswerable":
-            assert not p.answerable and p.reference is None and "no passage mentioning" in p.verified
+            assert not p.answerable and p.reference is None and "no sentence mentioning" in p.verified
         else:
             assert p.answerable and p.reference == " ".join(c.docs[p.source_doc][p.source_start:p.source_end].split())
     assert all(p.question.startswith(("How does", "What is the difference")) for p in by["comparison"])
@@ -133,9 +133,40 @@ def test_multi_questions_whose_halves_repeat_are_dropped(corpus, monkeypatch):
 
 def test_unanswerable_verification_drops_what_the_corpus_answers(corpus):
     c, _ = corpus
-    # the del topic says when a feature changed ("Changed in version 3.2"): its year/version is answered
-    assert K.answered_near(c.docs, "del", K.UNANSWERABLE[1][1]) is not None
-    assert K.answered_near(c.docs, "__debug__", K.UNANSWERABLE[4][1]) is None
+    sents = K.verify_sentences(c.docs)
+    proposed = next(cue for t, cue in K.UNANSWERABLE if "proposed" in t)
+    companies = next(cue for t, cue in K.UNANSWERABLE if "companies" in t)
+    # the with topic names its PEP ("PEP 343 - The "with" statement"): who proposed it is answered
+    assert K.answered_in(sents, "with", proposed) is not None
+    assert K.answered_in(sents, "__debug__", companies) is None
+
+
+def test_unanswerable_verification_reads_only_sentences_that_mention_the_name():
+    year = next(cue for t, cue in K.UNANSWERABLE if "year" in t)
+    docs = {"a.txt": "The frobnicate() helper swaps two names.  The walrus form was added in version 3.8.\n\n"
+                     "A bypass of the cache was added in version 3.2.\n",
+            "b.txt": "The spam_eggs function was added in version 3.4.\n"}
+    sents = K.verify_sentences(docs)
+    # a cue in the next sentence (a window of characters around the mention would see it) is about something else
+    assert K.answered_in(sents, "frobnicate()", year) is None
+    assert K.answered_in(sents, "pass", year) is None  # "bypass" does not mention pass
+    assert K.answered_in(sents, "spam_eggs", year) == "b.txt@0"
+    assert K.answered_in(sents, "walrus", year) is not None
+
+
+def test_unanswerable_probes_prefer_near_miss_templates(corpus):
+    c, chunks = corpus
+    probes, stats = K.make_probes(chunks, c.docs, None, {"unanswerable": 1}, 12, seed=3, max_attempts=200)
+    assert len(probes) == 12 and stats["unanswerable_near"] + stats.get("unanswerable_far", 0) == 12
+    sents = K.verify_sentences(c.docs)
+    near = [t for t, _ in K.UNANSWERABLE[:K.NEAR_MISS]]
+    for p in probes:
+        name = p.question.split('"')[1]
+        template = p.question.replace(f'"{name}"', "{x}")
+        assert K.answered_in(sents, name, dict(K.UNANSWERABLE)[template]) is None
+        if template not in near:  # a far one only when every near-miss template is answered for the name
+            assert all(K.answered_in(sents, name, cue) is not None for _, cue in K.UNANSWERABLE[:K.NEAR_MISS])
+    assert stats["unanswerable_near"] > stats.get("unanswerable_far", 0)
 
 
 def test_mix_keys_are_checked_and_change_the_probe_cache_key(tmp_path, corpus_dir):
