@@ -253,6 +253,14 @@ def test_a_tune_reports_kinds_the_split_check_coverage_and_mines_failures(tmp_pa
     again, _ = Session(cfg, models=FakeModels()).probes(no_progress)
     assert {p.id for p in again} == {j.answer.probe.id for r in (result.rounds[0].val, result.test_baseline)
                                      for j in r.judgments} | {p.id for p in again if p.split == "train"}
+    # what this tune mined comes back, as train probes only, in the next tune of the same probe set
+    mined = {p.id for p in st["mined"]}
+    assert mined <= {p.id for p in again if p.split == "train"}
+    tracker2 = MlflowTracker(cfg)
+    second = tune(Session(cfg, models=FakeModels()), 1, tracker2, no_progress)
+    assert second.stats["mined/reused"] == len(mined)
+    assert not mined & {j.answer.probe.id for ev in (second.rounds[0].val, second.test_baseline) for j in ev.judgments}
+    assert f"- mined probes reused: {len(mined)} train probes" in tracker2.report_dir.joinpath("report.md").read_text()
     other = load_config(write_config(tmp_path, corpus_dir, probes="{count: 12, mix: {single: 1}}"))
     Session(other, models=FakeModels()).probes(no_progress)
     assert len(list((cfg.workdir / "probes").glob("*.jsonl"))) == 2

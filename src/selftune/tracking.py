@@ -386,6 +386,9 @@ def group_lines(result: Any) -> list[str]:
         lines.append(f"- failure mining: {int(st['mined/probes'])} train probes made near the incumbent's failures"
                      + (f" from {int(st.get('mined/failures_used', 0))} failures; documents: {st['mined/from']}"
                         if st.get("mined/from") else ""))
+    if st.get("mined/reused"):
+        lines.append(f"- mined probes reused: {int(st['mined/reused'])} train probes mined in earlier tunes of this "
+                     "probe set")
     return lines
 
 
