@@ -152,6 +152,18 @@ def test_unanswerable_verification_reads_only_sentences_that_mention_the_name():
     assert K.answered_in(sents, "pass", year) is None  # "bypass" does not mention pass
     assert K.answered_in(sents, "spam_eggs", year) == "b.txt@0"
     assert K.answered_in(sents, "walrus", year) is not None
+    # cues the hand check found answering nothing: a change note is not when a thing came or went, the
+    # constructor that creates an object did not propose it, the bytes type is no memory size
+    cue = {t.split(" {x}")[0]: c for t, c in K.UNANSWERABLE}
+    note = K.verify_sentences({"r.txt": 'Changed in version 3.3: "None" is now permitted as "Y" in "raise X from Y".'
+                                        '  They are created by the built-in "bytearray()" constructor.  The '
+                                        '"__hash__()" values of str and bytes objects are salted.  A "__slots__" '
+                                        'entry saves 48 bytes per instance.'})
+    assert K.answered_in(note, "None", cue["In which Python version was"]) is None
+    assert K.answered_in(note, "None", cue["In which year was"]) is None
+    assert K.answered_in(note, "bytearray()", cue["Who first proposed"]) is None
+    assert K.answered_in(note, "__hash__()", cue["How many bytes of memory does"]) is None
+    assert K.answered_in(note, "__slots__", cue["How many bytes of memory does"]) is not None
 
 
 def test_unanswerable_probes_prefer_near_miss_templates(corpus):

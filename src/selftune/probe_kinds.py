@@ -59,15 +59,15 @@ STYLE = ("vague", "misspelled", "keyword")
 UNANSWERABLE = (
     ("What is the time complexity of {x}?", r"\bO\(|\bcomplexity\b|\b(?:linear|constant|quadratic|logarithmic) time\b"
                                             r"|\bamortized\b"),
-    ("In which Python version was {x} deprecated?", r"\bdeprecat|\bremoved in\b|\bversion \d|\bpython \d"),
+    ("In which Python version was {x} deprecated?", r"\bdeprecat|\bremoved in\b|\bno longer (?:supported|available)\b"),
     ("Is {x} thread-safe?", r"\bthread|\block(?:s|ed|ing)?\b|\batomic|\bconcurren|\bGIL\b"),
-    ("In which year was {x} added to Python?", r"\b(?:19|20)\d\d\b|\b(?:new|added|changed) in (?:version|python)\b"
+    ("In which year was {x} added to Python?", r"\b(?:19|20)\d\d\b|\b(?:new|added) in (?:version|python)\b"
                                                r"|\bintroduced in\b|\bsince (?:version|python)\b"),
-    ("Who first proposed {x} for Python?", r"\bPEP\s*\d+|\bproposed by\b|\b(?:designed|invented|created) by\b"
+    ("Who first proposed {x} for Python?", r"\bPEP\s*\d+|\bproposed by\b|\b(?:designed|invented) by\b"
                                             r"|\bGuido\b|\bauthor"),
-    ("How many bytes of memory does {x} use?", r"\bbytes?\b|\bmemory\b|getsizeof|\boverhead\b"),
-    ("How much faster is {x} than the alternatives?", r"\bfaster\b|\bslower\b|\bperformance\b|\bspeed\b"
-                                                      r"|\befficien|\bbenchmark"),
+    ("How many bytes of memory does {x} use?", r"\b\d+\s*(?:bytes?|[KMG]i?B)\b|\bmemory\b|getsizeof|\boverhead\b"),
+    ("How much faster is {x} than the alternatives?", r"\bfaster\b|\bslower\b|\bspeed-?up\b|\bbenchmark"
+                                                      r"|\b\d+(?:\.\d+)?\s*(?:x|times) (?:as )?(?:fast|slow)"),
     ("Which companies use {x} in production?", r"\bcompan(?:y|ies)\b|\bin production\b|\bindustry\b"),
 )
 NEAR_MISS = 4  # the first four templates are near misses
