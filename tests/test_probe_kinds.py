@@ -164,6 +164,10 @@ def test_unanswerable_verification_reads_only_sentences_that_mention_the_name():
     assert K.answered_in(note, "bytearray()", cue["Who first proposed"]) is None
     assert K.answered_in(note, "__hash__()", cue["How many bytes of memory does"]) is None
     assert K.answered_in(note, "__slots__", cue["How many bytes of memory does"]) is not None
+    # a callable is mentioned with or without its parentheses
+    dep = K.verify_sentences({"c.txt": 'Chaining "@classmethod" descriptors is deprecated since version 3.11.'})
+    assert K.answered_in(dep, "classmethod()", cue["In which Python version was"]) is not None
+    assert K.mentions("len()").search("call len on it") and not K.mentions("len()").search("the length")
 
 
 def test_unanswerable_probes_prefer_near_miss_templates(corpus):

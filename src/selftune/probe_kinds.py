@@ -429,8 +429,10 @@ def gen_procedural(ctx: Context) -> Iterator[Probe | None]:
 
 
 def mentions(name: str) -> re.Pattern[str]:
-    """``name`` as a whole word or identifier (not inside a longer one: "pass" is not in "bypass")."""
-    return re.compile(r"(?<![\w.])" + re.escape(name) + r"(?![\w])", re.I)
+    """``name`` as a whole word or identifier (not inside a longer one: "pass" is not in "bypass"); a
+    callable's name with or without its "()" ("classmethod()" is mentioned by "@classmethod")."""
+    base = name[:-2] if name.endswith("()") else name
+    return re.compile(r"(?<![\w.])" + re.escape(base) + r"(?:\(\))?(?![\w])", re.I)
 
 
 def verify_sentences(docs: dict[str, str]) -> list[tuple[str, int, str]]:
