@@ -111,6 +111,11 @@ def test_procedural_questions_are_cut_at_a_clause_boundary():
     assert len(q) - len("How do I ?") <= K.MAX_VP
     # no clause boundary within the limit: no question rather than one cut mid-clause
     assert K.procedure("The statement is used to " + " ".join(["frobnicate"] * 12) + " and more.") is None
+    # from the demo corpus: "otherwise" is no clause boundary; a phrase a quoted name stopped loses its dangling words
+    assert K.procedure("The yield statement can be used to omit the parentheses that would otherwise be required "
+                       "in the equivalent yield expression statement.") == "How do I omit the parentheses?"
+    assert K.procedure('The following methods are used to override the default behavior of the "isinstance()" '
+                       'built-in function.') == "How do I override the default behavior?"
     assert K.clause_cut("delete names when they are bound", 20) == "delete names"
     assert K.clause_cut("delete the names bound in a block when they leave it", 20) is None
 

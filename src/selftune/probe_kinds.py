@@ -84,7 +84,7 @@ _PROCEDURE = (  # the verb phrase runs to the next punctuation; ``procedure`` cu
 MAX_VP = 90  # characters of the "How do I ...?" verb phrase
 # where a clause ends inside a verb phrase: before a conjunction or a relative/subordinating word
 _CLAUSE_WORDS = (r"(?:and|or|but|which|that|who|whose|where|when|whenever|while|if|unless|because|so|since|as|"
-                 r"although|though|whereas|until|before|after|then|otherwise)")
+                 r"although|though|whereas|until|before|after)")  # not "then", "otherwise": adverbs as often
 _CLAUSE = re.compile(r"\s+(?=" + _CLAUSE_WORDS + r"\b)")
 _CLAUSE_TAIL = re.compile(r"(?:\s+" + _CLAUSE_WORDS + r")+$")  # "so" of "so that", "and" of "and when"
 HOW_SCHEMA = {"type": "object", "required": ["question"], "properties": {"question": {
@@ -387,7 +387,7 @@ def procedure(sentence: str) -> str | None:
             vp = clause_cut(m.group("vp"))
             if vp is None:
                 continue
-            vp = re.sub(r"\s+(?:the|a|an|and|or|of|to|in|with|that|which)$", "", vp)
+            vp = re.sub(r"(?:\s+(?:the|a|an|and|or|of|to|in|with|that|which))+$", "", vp)  # "behavior of the"
             if len(vp.split()) >= 3:
                 return f"How do I {vp}?"
     return None
