@@ -19,6 +19,16 @@ RUBRIC = load_rubric(ROOT / "configs/rubrics/taste.yaml")
 FIXTURE = [("a1", 5, 5), ("a2", 1, 1), ("a3", 3, 4), ("a4", 5, 5), ("a5", 1, 3), ("a6", 4, 4)]
 
 
+# a person's edits: (original, what the judge says of it, edited, what the judge says of it)
+PAIRS = [("o1", 4, "e1", 2), ("o2", 1, "e2", 5), ("o3", 3, "e3", 3), ("o4", 2, "e4", 4)]
+
+
+def pairs():
+    return [{"probe_id": f"p{i}", "question": "What does pass do?", "original": f"pass does nothing {o}",
+             "edited": f"pass does nothing {e}", "contexts": ["pass does nothing"], "reference": "pass does nothing"}
+            for i, (o, _, e, _) in enumerate(PAIRS)]
+
+
 def rows():
     return [{"question": "What does pass do?", "answer": f"pass does nothing {a}", "contexts": ["pass does nothing"],
              "labels": {"grounded": h, "concise": "pass"}} for a, h, _ in FIXTURE]
@@ -26,6 +36,7 @@ def rows():
 
 def scripted():
     judged = {f"pass does nothing {a}": g for a, _, g in FIXTURE}
+    judged.update({f"pass does nothing {a}": g for o, go, e, ge in PAIRS for a, g in ((o, go), (e, ge))})
 
     def script(m):
         answer = re.search(r"Answer to grade:\n<<(\S+)>>\n(.*)\n<</\1>>", m[-1]["content"], re.S).group(2)
@@ -67,6 +78,55 @@ def test_align_uses_one_part_and_reports_on_the_other():
     # the biggest miss in the fit part comes first, with the human's level
     misses = sorted(((abs(js[i].scores["grounded"].raw - rs[i]["labels"]["grounded"]), i) for i in fit), reverse=True)
     assert new[0].score == rs[misses[0][1]]["labels"]["grounded"]
+
+
+def test_the_judge_against_a_persons_edits_and_the_pairs_it_gets_wrong_as_examples():
+    from selftune.calibrate import judge_pairs, pair_agreement, pair_examples
+
+    judged = judge_pairs(Judge(RUBRIC, scripted()), pairs(), no_progress)
+    g = pair_agreement(RUBRIC, judged)["grounded"]
+    # e2 > o2 and e4 > o4: the edit preferred twice; o3 = e3 a tie; o1 > e1 the original preferred
+    assert (g["n"], g["prefers_edit"], g["ties"], g["prefers_original"]) == (4, 2, 1, 1)
+    assert g["agreement"] == pytest.approx(0.5)
+    aligned = pair_examples(RUBRIC, pairs(), judged, per_criterion=2)
+    new = aligned.llm_criteria()[0].examples[len(RUBRIC.llm_criteria()[0].examples):]
+    # the pairs it got wrong, biggest miss first (o1 4 vs e1 2, then the tie): the edit at the top, the
+    # original at the judge's level below the top
+    assert [(e.answer, e.score) for e in new] == [("pass does nothing e1", 5), ("pass does nothing o1", 4),
+                                                  ("pass does nothing e3", 5), ("pass does nothing o3", 3)]
+    assert pair_examples(RUBRIC, [pairs()[1]], [judged[1]]).llm_criteria()[0].examples == \
+        RUBRIC.llm_criteria()[0].examples  # a pair it got right teaches nothing
+
+
+def test_calibrate_feedback_uses_the_edit_pairs_and_align_learns_from_them(tmp_path, monkeypatch, corpus_dir):
+    from mlflow import MlflowClient
+
+    from conftest import write_config
+
+    labels, rubric = cli_with(tmp_path, monkeypatch, scripted)
+    config = write_config(tmp_path, corpus_dir)
+    (tmp_path / "work" / "feedback").mkdir(parents=True)
+    (tmp_path / "work" / "feedback" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs()))
+    out = tmp_path / "agreement.json"
+    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--labels", str(labels), "--config",
+                                     str(config), "--feedback", "--align", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["feedback_pairs"] == 4 and res["pairs"]["grounded"]["agreement"] == pytest.approx(0.5)
+    assert "does the judge prefer the edit?" in r.output and "prefers the edit 2, ties 1" in r.output
+    al = res["align"]
+    assert al["pairs_fit"] + al["pairs_held_out"] == 4 and al["pairs_after"]["grounded"]["n"] == al["pairs_held_out"]
+    shown = [e for e in al["examples"]["grounded"] if e["why"].startswith(("a person's correction", "the answer a"))]
+    assert len(shown) == 2 * min(2, al["pairs_wrong_in_fit"]["grounded"]) and al["pairs_wrong_in_fit"]["grounded"]
+    pfit, _ = split_for_alignment(4, seed=1)  # the pairs' split: seed + 1
+    assert {e["answer"] for e in shown} <= {pairs()[i][k] for i in pfit for k in ("original", "edited")}
+    run_id = re.search(r"MLflow run: (\w+)", r.output).group(1)
+    m = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert m["pairs/grounded/agreement"] == pytest.approx(0.5) and m["pairs/grounded/prefers_edit"] == 2
+    assert "align/pairs_after/grounded/agreement" in m and "pairs/overall/n" in m
+    # edits only (no labels, no ratings): the pairs alone are a calibration
+    r = CliRunner().invoke(cli.app, ["calibrate", "--rubric", str(rubric), "--config", str(config), "--feedback"])
+    assert r.exit_code == 0 and "prefers the edit 2" in r.output, r.output
 
 
 def test_labels_are_validated_with_line_and_key(tmp_path):

@@ -1,6 +1,7 @@
 """End to end on the embedded models (SmolLM2-135M in llama.cpp, all-MiniLM-L6-v2): tune with the default
 probe mix, review, a script fills in three edits and ratings, feedback, a second tune whose probes carry
-the three human references, and calibrate on the ratings. Run under ``flock /tmp/llama.lock``."""
+the three human references, and calibrate on the ratings and the (original, edited) pairs, with --align.
+Run under ``flock /tmp/llama.lock``."""
 
 import csv
 import io
@@ -70,9 +71,25 @@ def test_tune_review_feedback_tune_calibrate(tmp_path):
 
     out = tmp_path / "agreement.json"
     r = run.invoke(app, ["calibrate", "--rubric", str(ROOT / "configs/rubrics/taste.yaml"), "--config", str(path),
-                         "--feedback", "--out", str(out)], catch_exceptions=False)
+                         "--feedback", "--align", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     got = json.loads(out.read_text())
     assert got["feedback_items"] == 3 and got["n"] == 3
     assert got["all"]["grounded"]["n"] + got["all"]["grounded"]["invalid"] == 3
     assert sorted(i["labels"]["grounded"] for i in got["items"]) == [1, 2, 3]
+    # the three (original, edited) pairs: how often the judge prefers the person's edit, and --align's
+    # examples from the pairs of its fit part the judge got wrong (the edit at the top of the scale)
+    assert got["feedback_pairs"] == 3
+    pairs = got["pairs"]["grounded"]
+    assert pairs["n"] + pairs["invalid"] == 3 and pairs["prefers_edit"] + pairs["ties"] + pairs["prefers_original"] \
+        == pairs["n"]
+    assert {i["edited"] for i in got["pair_items"]} == set(edited.values())
+    al = got["align"]
+    assert al["pairs_fit"] + al["pairs_held_out"] == 3 and al["pairs_after"]["grounded"]["n"] \
+        + al["pairs_after"]["grounded"]["invalid"] == al["pairs_held_out"]
+    from_pairs = [e for e in al["examples"]["grounded"] if e["why"].startswith("a person's correction")]
+    assert len(from_pairs) == min(2, al["pairs_wrong_in_fit"]["grounded"])
+    assert all(e["score"] == 5 and e["answer"] in {v[:300] for v in edited.values()} for e in from_pairs)
+    assert "does the judge prefer the edit?" in r.output
+    cal = client.search_runs([exp.experiment_id], filter_string="tags.`selftune.kind` = 'calibrate'")[0]
+    assert "pairs/grounded/n" in cal.data.metrics and "align/pairs_after/grounded/n" in cal.data.metrics

@@ -15,7 +15,7 @@ from conftest import FakeModels, no_progress, write_config
 from selftune.calibrate import read_items
 from selftune.cli import app
 from selftune.config import load_config
-from selftune.feedback import calibration_rows, from_mlflow, ingest, read_feedback
+from selftune.feedback import calibration_rows, feedback_pairs, from_mlflow, ingest, read_feedback
 from selftune.loop import Session, tune
 from selftune.rubric import load_rubric
 from selftune.tracking import MlflowTracker
@@ -88,6 +88,10 @@ def test_review_feedback_and_the_next_tune(tuned, tmp_path):
     labels = calibration_rows(cfg.workdir)
     assert sorted(r["labels"]["grounded"] for r in labels) == [2, 3, 4]
     assert all(r["reference"].startswith("Human answer") for r in labels)
+    # and calibrate's pairs: the person's edit preferred to the answer it corrected, with its contexts
+    pairs = feedback_pairs(cfg.workdir)
+    assert [p["probe_id"] for p in pairs] == [t["probe_id"] for t in table[:3]]
+    assert all(p["edited"].startswith("Human answer") and p["original"] and p["contexts"] for p in pairs)
     lab = tmp_path / "labels.jsonl"
     lab.write_text("".join(json.dumps(r) + "\n" for r in labels))
     assert len(read_items(lab, load_rubric(cfg.rubric), need_labels=True)) == 3

@@ -11,8 +11,14 @@ means the upper half of the scale). Agreement per criterion: Cohen's kappa (quad
 ordinal scale, unweighted for pass/fail; on rounded levels) and Spearman's rho (on the unrounded
 score), each with a bootstrap 95% interval, and the confusion table (rows: human, columns: judge).
 
+``--feedback`` also takes the (original, edited) answer pairs a person gave (``selftune feedback``):
+both answers are judged, and the report says how often the judge prefers the edit (overall and per LLM
+criterion; a tie is not agreement).
+
 ``--align`` splits the labels by seed: the disagreements of one part become calibration examples for
-the LLM criteria; agreement is reported before and after on the other part only.
+the LLM criteria; agreement is reported before and after on the other part only. The pairs are split
+the same way: each pair of the fit part the judge got wrong on a criterion (the edit not scored above
+the original) becomes two examples, the edit at the top of the scale and the original below it.
 """
 
 from __future__ import annotations
@@ -187,6 +193,89 @@ def align_examples(rubric: Rubric, rows: list[dict[str, Any]], judgments: list[J
     return rubric.model_copy(update={"criteria": criteria})
 
 
+# ---------------------------------------------------------------- a person's edits as pairwise examples
+
+
+def pair_answers(pair: dict[str, Any], i: int) -> tuple[Answer, Answer]:
+    """(original, edited) as two answers to the same question, contexts and reference."""
+    row = {"question": pair["question"], "contexts": pair.get("contexts", []),
+           "reference": pair.get("reference") or None}
+    original, edited = {**row, "answer": pair["original"]}, {**row, "answer": pair["edited"]}
+    return to_answer(original, 2 * i), to_answer(edited, 2 * i + 1)
+
+
+def judge_pairs(judge: Judge, pairs: list[dict[str, Any]], progress: Any,
+                offset: int = 20_000) -> list[tuple[Judgment, Judgment]]:
+    out = []
+    for i, pair in enumerate(progress(pairs, desc="pairs")):
+        original, edited = pair_answers(pair, offset + i)
+        out.append((judge.judge(original), judge.judge(edited)))
+    return out
+
+
+def _pair_values(rubric: Rubric, judged: tuple[Judgment, Judgment]) -> dict[str, tuple[float, float] | None]:
+    """Per target (``overall`` and each LLM criterion): (original, edited) as the judge scored them, or
+    None where either has no valid score. LLM criteria on the raw level (what an example sets)."""
+    o, e = judged
+    out: dict[str, tuple[float, float] | None] = {
+        "overall": (o.overall, e.overall) if o.overall is not None and e.overall is not None else None}
+    for c in rubric.llm_criteria():
+        so, se = o.scores[c.name], e.scores[c.name]
+        ok = all(x.status == "ok" and x.raw is not None for x in (so, se))
+        out[c.name] = (float(so.raw), float(se.raw)) if ok else None  # type: ignore[arg-type]
+    return out
+
+
+def pair_agreement(rubric: Rubric, judged: list[tuple[Judgment, Judgment]]) -> dict[str, dict[str, Any]]:
+    """How often the judge prefers a person's edit to the answer it corrected, on the overall score and
+    on each LLM criterion: n (pairs with both scored), invalid, prefers_edit, ties, prefers_original and
+    agreement (prefers_edit / n; a tie is not agreement)."""
+    out: dict[str, dict[str, Any]] = {}
+    rows = [_pair_values(rubric, j) for j in judged]
+    for target in ["overall", *(c.name for c in rubric.llm_criteria())]:
+        vals = [r[target] for r in rows]
+        ok = [v for v in vals if v is not None]
+        edit = sum(e > o for o, e in ok)
+        tie = sum(e == o for o, e in ok)
+        out[target] = {"n": len(ok), "invalid": len(vals) - len(ok), "prefers_edit": edit, "ties": tie,
+                       "prefers_original": len(ok) - edit - tie, "agreement": edit / len(ok) if ok else None}
+    return out
+
+
+def pair_examples(rubric: Rubric, pairs: list[dict[str, Any]], judged: list[tuple[Judgment, Judgment]],
+                  per_criterion: int = 2) -> Rubric:
+    """A rubric whose LLM criteria carry, as calibration examples, the pairs the judge got wrong on that
+    criterion (the edit not scored above the original), biggest miss first: the edited answer at the top
+    of the scale, the original at the judge's own level for it, below the top."""
+    criteria = []
+    for c in rubric.criteria:
+        if not isinstance(c, LLMCriterion):
+            criteria.append(c)
+            continue
+        wrong = []
+        for pair, j in zip(pairs, judged):
+            v = _pair_values(rubric, j)[c.name]
+            if v is not None and v[1] <= v[0]:
+                wrong.append((v[0] - v[1], pair, v[0]))
+        wrong.sort(key=lambda t: -t[0])
+        shots = []
+        for _, pair, original in wrong[:per_criterion]:
+            shots += [Example(answer=pair["edited"][:300], score=c.scale.max,
+                              why=f"a person's correction of an answer to {pair['question'][:80]!r}"),
+                      Example(answer=pair["original"][:300],
+                              score=min(c.scale.max - 1, max(c.scale.min, round(original))),
+                              why="the answer a person corrected: worse than the correction")]
+        criteria.append(c.model_copy(update={"examples": [*c.examples, *shots]}))
+    return rubric.model_copy(update={"criteria": criteria})
+
+
+def pair_rows(pairs: list[dict[str, Any]], judged: list[tuple[Judgment, Judgment]]) -> list[dict[str, Any]]:
+    return [{**{k: p[k] for k in ("probe_id", "question", "original", "edited") if k in p},
+             "overall": {"original": o.overall, "edited": e.overall},
+             "scores": {n: {"original": o.scores[n].raw, "edited": e.scores[n].raw} for n in o.scores}}
+            for p, (o, e) in zip(pairs, judged)]
+
+
 def split_for_alignment(n: int, seed: int, fraction: float = 0.5) -> tuple[list[int], list[int]]:
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
@@ -198,10 +287,13 @@ def judge_all(judge: Judge, rows: list[dict[str, Any]], progress: Any, offset: i
     return [judge.judge(to_answer(r, offset + i)) for i, r in enumerate(progress(rows, desc="judge"))]
 
 
-def run(judge: Judge, rows: list[dict[str, Any]], align: bool, seed: int, progress: Any) -> dict[str, Any]:
+def run(judge: Judge, rows: list[dict[str, Any]], align: bool, seed: int, progress: Any,
+        pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The whole calibration: every item judged and compared with its labels; with a panel, each
-    member against the labels and the members against each other; with ``align``, agreement on the
-    held-out half before and after the fit half's misses become calibration examples."""
+    member against the labels and the members against each other; each (original, edited) pair of
+    ``pairs`` judged, and how often the judge prefers the edit; with ``align``, agreement on the
+    held-out half (of the labels, and of the pairs) before and after the fit half's misses (labels the
+    judge missed, pairs it got wrong) become calibration examples."""
     from .config import JudgeSpec
     from .records import Evaluation
     from .trust import Monitor
@@ -219,9 +311,16 @@ def run(judge: Judge, rows: list[dict[str, Any]], align: bool, seed: int, progre
         monitor.observe([Evaluation(params={}, split="test", judgments=tuple(judgments))])
         result["panel_agreement"] = {k.split("/", 1)[1]: v for k, v in monitor.stats.items()
                                      if k.startswith("agreement/")}
+    pairs = pairs or []
+    judged_pairs = judge_pairs(judge, pairs, progress) if pairs else []
+    if pairs:
+        result["pairs"] = pair_agreement(rub, judged_pairs)
+        result["pair_items"] = pair_rows(pairs, judged_pairs)
     if align:
         fit, held = split_for_alignment(len(rows), seed)
         aligned_rubric = align_examples(rub, [rows[i] for i in fit], [judgments[i] for i in fit])
+        pfit, pheld = split_for_alignment(len(pairs), seed + 1) if pairs else ([], [])
+        aligned_rubric = pair_examples(aligned_rubric, [pairs[i] for i in pfit], [judged_pairs[i] for i in pfit])
         aligned = judge.variant(rubric=aligned_rubric, seed=seed)
         held_rows = [rows[i] for i in held]
         after = judge_all(aligned, held_rows, progress, offset=10_000)
@@ -230,6 +329,14 @@ def run(judge: Judge, rows: list[dict[str, Any]], align: bool, seed: int, progre
                            "after": agreement(aligned_rubric, held_rows, after, seed),
                            "examples": {c.name: [e.model_dump() for e in c.examples]
                                         for c in aligned_rubric.llm_criteria()}}
+        if pairs:
+            after_pairs = judge_pairs(aligned, [pairs[i] for i in pheld], progress, offset=30_000)
+            result["align"].update({
+                "pairs_fit": len(pfit), "pairs_held_out": len(pheld),
+                "pairs_wrong_in_fit": {t: a["n"] - a["prefers_edit"] for t, a in
+                                       pair_agreement(rub, [judged_pairs[i] for i in pfit]).items()},
+                "pairs_before": pair_agreement(rub, [judged_pairs[i] for i in pheld]),
+                "pairs_after": pair_agreement(aligned_rubric, after_pairs)})
     return result
 
 
@@ -254,6 +361,18 @@ def calibration_text(result: dict[str, Any]) -> str:
                          f"[{_fmt(k_lo)}, {_fmt(k_hi)}]  rho {_fmt(a['spearman'])} [{_fmt(r_lo)}, {_fmt(r_hi)}]  "
                          f"exact {_fmt(a['exact_agreement'])}")
             lines.append(f"{'':16s} confusion (rows human, cols judge; levels {a['levels']}): {a['confusion']}")
+    pair_sections = [("all pairs", result["pairs"])] if "pairs" in result else []
+    if "pairs_before" in result.get("align", {}):
+        held = result["align"]["pairs_held_out"]
+        pair_sections += [(f"held-out {held} pairs, before alignment", result["align"]["pairs_before"]),
+                          ("same pairs, after alignment", result["align"]["pairs_after"])]
+    for title, agg in pair_sections:
+        lines.append(f"# a person's edits against the answers they corrected, {title} (does the judge prefer the "
+                     "edit?)")
+        for name, a in agg.items():
+            lines.append(f"{name:16s} n={a['n']:3d} invalid={a['invalid']}  prefers the edit {a['prefers_edit']}, "
+                         f"ties {a['ties']}, prefers the original {a['prefers_original']}  "
+                         f"agreement {_fmt(a['agreement'])}")
     if result.get("panel_agreement"):
         lines.append("# judges against each other (pass/fail agreement; normalized scores)")
         lines += [f"{k:28s} {v:.3f}" for k, v in sorted(result["panel_agreement"].items())]

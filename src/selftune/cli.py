@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -273,11 +274,12 @@ def feedback(config: Path, file: Path = typer.Option(None, help="a filled-in rev
 @app.command()
 def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
               labels: Path = typer.Option(None, help="JSONL items with human `labels` per criterion"),
-              use_feedback: bool = typer.Option(False, "--feedback", help="also use the ratings given with "
-                                                                          "`selftune feedback` (needs --config)"),
+              use_feedback: bool = typer.Option(False, "--feedback", help="also use the ratings and edited "
+                                                                          "answers given with `selftune feedback` "
+                                                                          "(needs --config)"),
               config: Path = typer.Option(None, help="take the judge model and MLflow store from this config"),
-              align: bool = typer.Option(False, help="use half the labels as calibration examples; "
-                                                     "report before/after on the rest"),
+              align: bool = typer.Option(False, help="use half the labels (and of the edit pairs) as "
+                                                     "calibration examples; report before/after on the rest"),
               out: Path = typer.Option(None, help="also write the agreement report as JSON here"),
               seed: int = 0) -> None:
     """Agreement of the judge with human labels: Cohen's kappa and Spearman's rho with bootstrap
@@ -290,17 +292,19 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
         if out is not None:
             _writable(out)
         rows = read_items(labels, load_rubric(rubric), need_labels=True) if labels is not None else []
-        n_fed = 0
+        n_fed, pairs = 0, []
         if use_feedback:
-            fed = _feedback_labels(config)
+            fed, pairs = _feedback_labels(config)
             before = len(rows)
-            rows += read_items(fed, load_rubric(rubric), need_labels=True)
+            if fed is not None:
+                rows += read_items(fed, load_rubric(rubric), need_labels=True)
             n_fed, labels = len(rows) - before, labels or fed
-        if not rows:
+        if not rows and not pairs:
             raise InputError(rubric, "--labels", "expected a labels file, or --feedback with --config")
         rt = judge_runtime(rubric, config, seed)
         try:
-            result = {"labels": str(labels), "feedback_items": n_fed, **run(rt.judge, rows, align, seed, progress)}
+            result = {"labels": str(labels), "feedback_items": n_fed, "feedback_pairs": len(pairs),
+                      **run(rt.judge, rows, align, seed, progress, pairs)}
         finally:
             rt.close()
     except InputError as err:
@@ -316,20 +320,24 @@ def calibrate(rubric: Path = typer.Option(..., help="rubric YAML"),
         out.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
-def _feedback_labels(config: Path | None) -> Path:
-    """The ratings from `selftune feedback` as a labels file in the workdir (``feedback/labels.jsonl``)."""
+def _feedback_labels(config: Path | None) -> tuple[Path | None, list[dict[str, Any]]]:
+    """The ratings from `selftune feedback` as a labels file in the workdir (``feedback/feedback-labels.jsonl``;
+    None if there are none), and the (original, edited) answer pairs it kept."""
     from .config import load_config
-    from .feedback import calibration_rows
+    from .feedback import calibration_rows, feedback_pairs
 
     if config is None:
         raise InputError("--feedback", "--config", "expected --config CONFIG (whose workdir holds the feedback)")
     cfg = load_config(config)
-    rows = calibration_rows(cfg.workdir)
+    rows, pairs = calibration_rows(cfg.workdir), feedback_pairs(cfg.workdir)
+    if not rows and not pairs:
+        raise InputError(cfg.workdir / "feedback", "ratings", "no rated or edited answers yet; run `selftune "
+                                                              "feedback` first")
     if not rows:
-        raise InputError(cfg.workdir / "feedback", "ratings", "no rated answers yet; run `selftune feedback` first")
+        return None, pairs
     path = cfg.workdir / "feedback" / "feedback-labels.jsonl"
     _write_jsonl(path, rows)
-    return path
+    return path, pairs
 
 
 @app.command()

@@ -15,7 +15,8 @@ to MLflow on the run each item came from:
   tune (``apply_human_references``; it outranks the extractive one in the reference check) and for
   ``calibrate``;
 - ratings become labels for ``selftune calibrate --feedback`` (``calibration_rows``);
-- the (original, edited) pairs are kept (``feedback/pairs.jsonl``).
+- the (original, edited) pairs are kept (``feedback/pairs.jsonl``): pairwise examples for ``calibrate
+  --feedback`` (how often the judge prefers the person's edit) and ``--align`` (``feedback_pairs``).
 
 A malformed row is an error naming the file and line; the good rows of the same file are kept first.
 """
@@ -223,7 +224,8 @@ def ingest(uri: str, experiment: str, workdir: Path, rows: list[dict[str, Any]],
         for r in rows:
             fh.write(json.dumps({**r, "at": at}, ensure_ascii=False) + "\n")
     pairs = [{"probe_id": r["probe_id"], "question": r["question"], "original": r["answer"],
-              "edited": r["edited_answer"]} for r in rows if r["edited_answer"] and r["answer"]]
+              "edited": r["edited_answer"], "contexts": r.get("contexts", []), "reference": r.get("reference", ""),
+              "run_id": r.get("run_id", "")} for r in rows if r["edited_answer"] and r["answer"]]
     if pairs:
         with (d / "pairs.jsonl").open("a", encoding="utf-8") as fh:
             fh.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
@@ -303,6 +305,29 @@ def calibration_rows(workdir: Path) -> list[dict[str, Any]]:
                 if refs.get(r["probe_id"]) or r.get("reference") else {}),
              "labels": r["ratings"], **({"note": r["comment"]} if r.get("comment") else {})}
             for r in latest.values()]
+
+
+def feedback_pairs(workdir: Path) -> list[dict[str, Any]]:
+    """The (original, edited) answer pairs kept by ``feedback`` (``feedback/pairs.jsonl``), the latest edit
+    per probe and original answer, for ``calibrate``: the edited answer is the one a person prefers. Each
+    carries the question, the retrieved contexts and the reference the original was judged with (taken
+    from ``ingested.jsonl`` for pairs kept before pairs carried them)."""
+    f = workdir / "feedback" / "pairs.jsonl"
+    if not f.is_file():
+        return []
+    seen = {(r["probe_id"], r.get("answer", "")): r for r in ingested(workdir)}
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in f.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        p = json.loads(line)
+        row = seen.get((p["probe_id"], p["original"]), {})
+        latest[(p["probe_id"], p["original"])] = {
+            "probe_id": p["probe_id"], "question": p.get("question") or row.get("question", ""),
+            "original": p["original"], "edited": p["edited"],
+            "contexts": p["contexts"] if "contexts" in p else row.get("contexts", []),
+            "reference": p["reference"] if "reference" in p else row.get("reference", "")}
+    return [p for p in latest.values() if p["question"] and p["original"] != p["edited"]]
 
 
 # ---------------------------------------------------------------- from the MLflow UI

@@ -66,6 +66,8 @@ class Session:
         check_credentials(cfg)
         self.cfg = cfg
         self.rubric = load_rubric(cfg.rubric)
+        self.mined_file: Path | None = None  # the probes mined in earlier tunes of this probe set (``probes``)
+        self.reused_ids: set[str] = set()
         if cfg.probes.file is not None:  # a bad line is a clear error now, not after minutes of synthesis
             P.load_user_probes(cfg.probes.file)
         self.corpus: Corpus = load_corpus(cfg.corpus.path, cfg.corpus.glob, cfg.source or "config",
@@ -261,6 +263,8 @@ class Session:
             P.save_jsonl(probes, cache)  # last, and whole or not at all: the cache's presence means done
         if len(probes) < 6:
             raise RuntimeError(f"only {len(probes)} usable probes were synthesized (need >= 6); stats: {stats}")
+        self.mined_file = cfg.workdir / "probes" / "mined" / f"{key}.jsonl"
+        probes, stats["mined/reused"] = self.reuse_mined(probes)
         probes, n_human = apply_human_references(probes, cfg.workdir)
         stats = {**stats, "probes": len(probes), **{f"probes_{s}": sum(p.split == s for p in probes) for s in P.SPLITS}}
         stats["probes_human_reference"] = sum(p.reference_origin == "human" and p.reference is not None
@@ -269,6 +273,35 @@ class Session:
         stats.update({f"probes_kind/{k}": sum(p.kind == k for p in probes) for k in sorted({p.kind for p in probes})})
         stats.update(K.coverage(probes, self.corpus.docs))
         return probes, stats
+
+    def reuse_mined(self, probes: list[Probe]) -> tuple[list[Probe], int]:
+        """The probes mined in earlier tunes of this probe set (``keep_mined``), as *train* probes first
+        among train: never validation or test, and none that near-duplicates a probe of the set (a
+        validation or test one above all). Returns (probes, how many were reused)."""
+        from . import probe_kinds as K
+
+        self.reused_ids = set()
+        if self.mined_file is None or not self.mined_file.is_file():
+            return probes, 0
+        known = {p.id for p in probes}
+        kept = [m.model_copy(update={"split": "train"}) for m in P.load_jsonl(self.mined_file)
+                if m.id not in known and m.mined_from]
+        _, dups = K.embedding_dedup([*probes, *kept], self.embedder.encode, self.cfg.probes.dedup_similarity)
+        dropped = {d for d, _, _ in dups}
+        reused = [m for m in kept if m.id not in dropped]
+        self.reused_ids = {m.id for m in reused}
+        return reused + probes, len(reused)
+
+    def keep_mined(self, mined: list[Probe]) -> None:
+        """Keep the probes mined in this tune beside the probe set, for later tunes to reuse (``reuse_mined``)."""
+        if self.mined_file is None:
+            return
+        have = P.load_jsonl(self.mined_file) if self.mined_file.is_file() else []
+        ids = {p.id for p in have}
+        new = [p for p in mined if p.id not in ids]
+        if new:
+            self.mined_file.parent.mkdir(parents=True, exist_ok=True)
+            P.save_jsonl(have + new, self.mined_file)
 
     def mine(self, failures: list[Probe], probes: list[Probe], seed: int) -> list[Probe]:
         """Failure mining: one new *train* probe per failed one, of its kind, from the same documents
@@ -533,7 +566,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             stats.setdefault("mined/probes", 0)
             stats["mined/from"] = ", ".join(f"{d} {n}" for d, n in sorted(mined_docs.items(), key=lambda t: -t[1]))
             stats["mined/kinds"] = ", ".join(sorted({p.kind for p in probes if p.mined_from}))
-            stats["mined"] = [p for p in probes if p.mined_from]  # logged as probes/mined.jsonl
+            # the probes mined in this tune: logged as probes/mined.jsonl, kept for later tunes of this probe set
+            stats["mined"] = [p for p in probes if p.mined_from and p.id not in session.reused_ids]
+            session.keep_mined(stats["mined"])
         stats["index_collections_built"] = len(session.index.built)
         stats["bm25_indexes_built"] = len(session.index.bm25.built) if hasattr(session.index, "bm25") else 0
         stats["texts_embedded"] = session.embedder.encoded

@@ -9,19 +9,25 @@ the corpus says, so its evidence is known by construction:
   reference: that sentence, source: its span.
 - ``multi``: two sentences from two passages (the same document, another chunk, or the document whose
   text shares most words with it); the generator writes one question per sentence and a template joins
-  them ("..., and ...?"). Reference: both sentences; sources: both spans (``more_sources``).
+  them ("..., and ...?"); two halves asking the same thing are dropped (``same_question``). Reference:
+  both sentences; sources: both spans (``more_sources``).
 - ``comparison``: two documents whose opening sentences are nearest by embedding; template "How does
   <topic A> differ from <topic B>?" (topics from the documents' first headings). Reference: both
   opening sentences; sources: both spans.
 - ``procedural``: extraction. A sentence saying "X is a way to V", "is used to V", "To V, ...",
-  "allows you to V" becomes "How do I V?"; reference and source: that sentence. Where no sentence
+  "allows you to V" becomes "How do I V?" (a verb phrase over 90 characters cut at a clause boundary,
+  ``clause_cut``); reference and source: that sentence. Where no sentence
   matches, the generator is asked for a "How do I ...?" question under a schema (counted apart).
 - ``unanswerable``: a near-miss, by template. A name the corpus mentions (a quoted name or identifier)
-  is asked about something of a type the corpus does not state (who proposed it, its year, memory,
-  speed, who uses it). Verification: every passage mentioning the name, in every document (300
-  characters either side of each mention), is searched for the answer type's cues (a PEP number or
-  "proposed by"; a year or "added in version"; "bytes"/"memory"; "faster"/"performance"...); a cue
-  anywhere drops the probe. It reads cue words, not meaning: the closing note measures it by hand.
+  is asked an attribute the corpus does not state for it. Near-miss templates are tried first (an
+  attribute a language reference states for some things: time complexity, deprecation, thread safety,
+  the version it came in), then far ones (who proposed it, memory, speed, who uses it). Verification, by
+  sentence: every sentence of every document that mentions the name (as a whole word) is searched for
+  the answer type's cues ("O(", "complexity"; "deprecated", "version 3"; "thread", "atomic"; a year or
+  "added in version"; a PEP number or "proposed by"; "bytes"/"memory"; "faster"...); a cue in any of
+  them rejects the template. Sentences that do not mention the name are not read (a window of
+  characters around each mention, as before, rejected probes the corpus does not answer). It reads cue
+  words, not meaning: the closing note measures it by hand.
 - ``vague``, ``misspelled``, ``keyword``: user-style phrasings of a single-fact probe (the base question
   is written by the generator, then rewritten deterministically and seeded: a vague template around
   its main term; typos in one or two long words; its content words only). Reference and source: the
@@ -46,24 +52,41 @@ from .records import KINDS, Chunk, Probe, Span
 
 Embed = Callable[[list[str]], list[list[float]]]
 STYLE = ("vague", "misspelled", "keyword")
-# The unanswerable templates: the question, and the cues whose presence near the name would answer it.
+# The unanswerable templates: the question, and the cues whose presence in a sentence mentioning the name
+# would answer it. Near-miss templates come first: they ask an attribute a language reference states for
+# some things (complexity, deprecation, thread safety, the version a feature came in), so the question looks
+# answerable; the far ones ask what a reference never states (who proposed it, memory, speed, companies).
 UNANSWERABLE = (
-    ("Who first proposed {x} for Python?", r"\bPEP\s*\d+|\bproposed by\b|\b(?:designed|invented|created) by\b"
-                                            r"|\bGuido\b|\bauthor"),
-    ("In which year was {x} added to Python?", r"\b(?:19|20)\d\d\b|\b(?:new|added|changed) in (?:version|python)\b"
+    ("What is the time complexity of {x}?", r"\bO\(|\bcomplexity\b|\b(?:linear|constant|quadratic|logarithmic) time\b"
+                                            r"|\bamortized\b"),
+    ("In which Python version was {x} deprecated?", r"\bdeprecat|\bremoved in\b|\bno longer (?:supported|available)\b"),
+    ("Is {x} thread-safe?", r"\bthread|\block(?:s|ed|ing)?\b|\batomic|\bconcurren|\bGIL\b"),
+    ("In which year was {x} added to Python?", r"\b(?:19|20)\d\d\b|\b(?:new|added) in (?:version|python)\b"
                                                r"|\bintroduced in\b|\bsince (?:version|python)\b"),
-    ("How many bytes of memory does {x} use?", r"\bbytes?\b|\bmemory\b|getsizeof|\boverhead\b"),
-    ("How much faster is {x} than the alternatives?", r"\bfaster\b|\bslower\b|\bperformance\b|\bspeed\b"
-                                                      r"|\befficien|\bbenchmark"),
+    ("Who first proposed {x} for Python?", r"\bPEP\s*\d+|\bproposed by\b|\b(?:designed|invented) by\b"
+                                            r"|\bGuido\b|\bauthor"),
+    ("How many bytes of memory does {x} use?", r"\b\d+\s*(?:bytes?|[KMG]i?B)\b|\bmemory\b|getsizeof|\boverhead\b"),
+    ("How much faster is {x} than the alternatives?", r"\bfaster\b|\bslower\b|\bspeed-?up\b|\bbenchmark"
+                                                      r"|\b\d+(?:\.\d+)?\s*(?:x|times) (?:as )?(?:fast|slow)"),
     ("Which companies use {x} in production?", r"\bcompan(?:y|ies)\b|\bin production\b|\bindustry\b"),
 )
-_PROCEDURE = (
-    re.compile(r"\b(?:a|the|one) (?:\w+ )?way to (?P<vp>[a-z][^,;:.()\"]{8,90})"),
-    re.compile(r"\b(?:is|are|can be|may be) used to (?P<vp>[a-z][^,;:.()\"]{8,90})"),
-    re.compile(r"^To (?P<vp>[a-z][^,;:.()\"]{8,90}),"),
+NEAR_MISS = 4  # the first four templates are near misses
+# A sentence for verification: up to . ! ? followed by space, or a paragraph's end (code lines and
+# lists without a full stop count too, unlike the 8-40-word prose sentences questions are written from).
+_VERIFY_SENT = re.compile(r"(?:[^.!?\n]|[.!?](?=\S)|\n(?![ \t]*\n))+(?:[.!?]+|(?=\n[ \t]*\n)|$)")
+_PROCEDURE = (  # the verb phrase runs to the next punctuation; ``procedure`` cuts it at a clause boundary
+    re.compile(r"\b(?:a|the|one) (?:\w+ )?way to (?P<vp>[a-z][^,;:.()\"]{8,})"),
+    re.compile(r"\b(?:is|are|can be|may be) used to (?P<vp>[a-z][^,;:.()\"]{8,})"),
+    re.compile(r"^To (?P<vp>[a-z][^,;:.()\"]{8,}),"),
     re.compile(r"\b(?:allows?|lets?|enables?) (?:you|the user|the programmer|programs?) to (?P<vp>[a-z][^,;:.()\"]"
-               r"{8,90})"),
+               r"{8,})"),
 )
+MAX_VP = 90  # characters of the "How do I ...?" verb phrase
+# where a clause ends inside a verb phrase: before a conjunction or a relative/subordinating word
+_CLAUSE_WORDS = (r"(?:and|or|but|which|that|who|whose|where|when|whenever|while|if|unless|because|so|since|as|"
+                 r"although|though|whereas|until|before|after)")  # not "then", "otherwise": adverbs as often
+_CLAUSE = re.compile(r"\s+(?=" + _CLAUSE_WORDS + r"\b)")
+_CLAUSE_TAIL = re.compile(r"(?:\s+" + _CLAUSE_WORDS + r")+$")  # "so" of "so that", "and" of "and when"
 HOW_SCHEMA = {"type": "object", "required": ["question"], "properties": {"question": {
     "type": "string", "pattern": "^How (do|can) I [^?\\n]{10,100}[?]$"}}}
 HOW_DEMOS = (("The with statement is used to wrap the execution of a block with methods defined by a context "
@@ -269,6 +292,12 @@ def _partner(ctx: Context, chunk: Chunk, sentence: str) -> tuple[Chunk, tuple[in
     return None if best is None else (best[1], best[2])
 
 
+def same_question(a: str, b: str) -> bool:
+    """The two questions ask the same thing: the same content words, or nearly the same words."""
+    ca, cb = P.content_words(a), P.content_words(b)
+    return (bool(ca) and ca == cb) or P._near_duplicate(a, [set(P.words(b))])
+
+
 def gen_multi(ctx: Context) -> Iterator[Probe | None]:
     for chunk, sent in ctx.fresh():
         persona = ctx.persona()
@@ -276,6 +305,10 @@ def gen_multi(ctx: Context) -> Iterator[Probe | None]:
         q1 = _ask(ctx, sent[2], persona)
         q2 = _ask(ctx, other[1][2], persona) if other is not None and q1 is not None else None
         if q1 is None or q2 is None or other is None:
+            yield None
+            continue
+        if same_question(q1, q2):  # two halves asking one thing: not a two-passage question
+            ctx.count("dropped_repeat")
             yield None
             continue
         q = f"{q1[:-1].rstrip()}, and {q2[0].lower()}{q2[1:]}"
@@ -331,12 +364,30 @@ def gen_comparison(ctx: Context) -> Iterator[Probe | None]:
                      more=(Span(doc=cb.doc, start=sb[0], end=sb[1]),), more_chunks=(cb.id,))
 
 
+def clause_cut(vp: str, limit: int = MAX_VP) -> str | None:
+    """``vp`` if it fits in ``limit`` characters, else its longest run of whole clauses that does (cut
+    before "and", "which", "when"...); None if even its first clause is longer."""
+    vp = vp.strip()
+    if len(vp) <= limit:
+        return vp
+    cuts = [m.start() for m in _CLAUSE.finditer(vp) if 0 < m.start() <= limit]
+    for cut in reversed(cuts):
+        head = _CLAUSE_TAIL.sub("", vp[:cut].rstrip())
+        if head:
+            return head
+    return None
+
+
 def procedure(sentence: str) -> str | None:
-    """"How do I V?" from a sentence that says how to V; None if it says no such thing."""
+    """"How do I V?" from a sentence that says how to V; None if it says no such thing. A long verb
+    phrase is cut at a clause boundary (``clause_cut``), never inside a clause."""
     for pat in _PROCEDURE:
         m = pat.search(sentence)
         if m:
-            vp = re.sub(r"\s+(?:the|a|an|and|or|of|to|in|with|that|which)$", "", m.group("vp").strip())
+            vp = clause_cut(m.group("vp"))
+            if vp is None:
+                continue
+            vp = re.sub(r"(?:\s+(?:the|a|an|and|or|of|to|in|with|that|which))+$", "", vp)  # "behavior of the"
             if len(vp.split()) >= 3:
                 return f"How do I {vp}?"
     return None
@@ -377,39 +428,65 @@ def gen_procedural(ctx: Context) -> Iterator[Probe | None]:
         yield _probe(ctx, "procedural", persona, q, sent[2], chunk, sent)
 
 
-def answered_near(docs: dict[str, str], name: str, cue: str, reach: int = 300) -> str | None:
-    """Where (``doc@offset``) a passage mentioning ``name`` carries a cue of the answer type; None if none does."""
-    pat, cues = re.compile(re.escape(name), re.I), re.compile(cue, re.I)
-    for doc, text in docs.items():
-        for m in pat.finditer(text):
-            window = text[max(0, m.start() - reach): m.end() + reach]
-            if cues.search(window):
-                return f"{doc}@{m.start()}"
+def mentions(name: str) -> re.Pattern[str]:
+    """``name`` as a whole word or identifier (not inside a longer one: "pass" is not in "bypass"); a
+    callable's name with or without its "()" ("classmethod()" is mentioned by "@classmethod")."""
+    base = name[:-2] if name.endswith("()") else name
+    return re.compile(r"(?<![\w.])" + re.escape(base) + r"(?:\(\))?(?![\w])", re.I)
+
+
+def verify_sentences(docs: dict[str, str]) -> list[tuple[str, int, str]]:
+    """(doc, offset, text) of every sentence of the corpus, for the unanswerable check."""
+    return [(doc, m.start(), " ".join(m.group(0).split())) for doc, text in docs.items()
+            for m in _VERIFY_SENT.finditer(text) if m.group(0).strip()]
+
+
+def answered_in(sentences: list[tuple[str, int, str]], name: str, cue: str) -> str | None:
+    """Where (``doc@offset``) a sentence that mentions ``name`` carries a cue of the answer type; None if
+    none does. Only such sentences: a cue in the next sentence is about something else."""
+    pat, cues = mentions(name), re.compile(cue, re.I)
+    for doc, at, text in sentences:
+        if pat.search(text) and cues.search(text):
+            return f"{doc}@{at}"
     return None
 
 
 def gen_unanswerable(ctx: Context) -> Iterator[Probe | None]:
+    """A near-miss template when one is verified unanswerable for the name, else a far one; the first of
+    each group tried is drawn by seed."""
+    sentences = verify_sentences(ctx.docs)
     for chunk, sent in ctx.fresh():
         names = [n for n in names_in(sent[2]) if len(n.strip("_")) >= 3]
         if not names:
             continue
         name = ctx.rng.choice(names)
-        template, cue = ctx.rng.choice(UNANSWERABLE)
-        q = template.format(x=f'"{name}"')
-        if ctx.duplicate(q):
-            ctx.count("dropped_duplicate")
+        about = [t for t in sentences if mentions(name).search(t[2])]
+        near, far = list(range(NEAR_MISS)), list(range(NEAR_MISS, len(UNANSWERABLE)))
+        ctx.rng.shuffle(near)
+        ctx.rng.shuffle(far)
+        chosen, answered = None, 0
+        for i in near + far:
+            template, cue = UNANSWERABLE[i]
+            q = template.format(x=f'"{name}"')
+            if ctx.duplicate(q):
+                continue
+            if answered_in(about, name, cue) is not None:
+                answered += 1
+                continue
+            chosen = (i, q, cue)
+            break
+        ctx.count("unanswerable_rejected", answered)  # templates the corpus answers for the name
+        if chosen is None:
+            ctx.count("dropped_answerable" if answered else "dropped_duplicate")
             yield None
             continue
-        where = answered_near(ctx.docs, name, cue)
-        if where is not None:
-            ctx.count("dropped_answerable")
-            yield None
-            continue
+        i, q, cue = chosen
+        ctx.count("unanswerable_near" if i < NEAR_MISS else "unanswerable_far")
         ctx.used.add((chunk.doc, sent[0]))
         yield _probe(ctx, "unanswerable", ctx.persona(), q, None, None, None,
                      more=(Span(doc=chunk.doc, start=sent[0], end=sent[1]),), answerable=False,
-                     verified=f"no passage mentioning {name!r} (300 chars either side, every document) matches "
-                              f"the answer cues /{cue}/")
+                     verified=f"no sentence mentioning {name!r} (every document) matches the answer cues /{cue}/"
+                              f" ({'near miss' if i < NEAR_MISS else 'far miss'})")
 
 
 GENERATORS: dict[str, Callable[[Context], Iterator[Probe | None]]] = {

@@ -23,7 +23,7 @@ from .lm import Role, ask_json
 from .records import Chunk, Probe, Split
 
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SYNTH_VERSION = 6  # part of the probe cache key: bump when synthesis changes
+SYNTH_VERSION = 11  # part of the probe cache key: bump when synthesis changes
 # A sentence may wrap over single line breaks (wrapped text), never over a blank line.
 _SENT = re.compile(r"(?:[^.!?\n]|\n(?![ \t]*\n))+[.!?]")
 

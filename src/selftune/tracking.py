@@ -386,6 +386,9 @@ def group_lines(result: Any) -> list[str]:
         lines.append(f"- failure mining: {int(st['mined/probes'])} train probes made near the incumbent's failures"
                      + (f" from {int(st.get('mined/failures_used', 0))} failures; documents: {st['mined/from']}"
                         if st.get("mined/from") else ""))
+    if st.get("mined/reused"):
+        lines.append(f"- mined probes reused: {int(st['mined/reused'])} train probes mined in earlier tunes of this "
+                     "probe set")
     return lines
 
 
@@ -515,8 +518,19 @@ def log_calibration(uri: str, experiment: str, rubric: Path, labels: Path, resul
                     metrics += [Metric(f"{prefix}/{name}/{key}_low", float(lo), now, 0),
                                 Metric(f"{prefix}/{name}/{key}_high", float(hi), now, 0)]
             metrics.append(Metric(f"{prefix}/{name}/n", float(a["n"]), now, 0))
+    pair_parts = [("pairs", result.get("pairs", {}))]
+    if "pairs_before" in result.get("align", {}):
+        pair_parts += [("align/pairs_before", result["align"]["pairs_before"]),
+                       ("align/pairs_after", result["align"]["pairs_after"])]
+    for prefix, agg in pair_parts:  # how often the judge prefers a person's edit
+        for name, a in agg.items():
+            metrics += [Metric(f"{prefix}/{name}/{key}", float(a[key]), now, 0)
+                        for key in ("agreement", "n", "prefers_edit", "ties", "prefers_original")
+                        if a[key] is not None]
     client.log_batch(rid, metrics=metrics)
     client.log_param(rid, "labels", str(labels))
+    if result.get("feedback_pairs"):
+        client.log_param(rid, "feedback_pairs", str(result["feedback_pairs"]))
     client.log_param(rid, "rubric", str(rubric))
     client.log_artifact(rid, str(rubric), "config")
     client.log_dict(rid, result, "agreement.json")
