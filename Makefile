@@ -69,6 +69,7 @@ bench: setup
 	$(BIN)/python -m selftune.concbench --out $(WORKDIR)/concbench.json
 	$(BIN)/python -m selftune.bench $(CONFIG) --out $(WORKDIR)/bench.json
 	$(BIN)/python -m selftune.workerbench --out $(WORKDIR)/workerbench.json
+	$(BIN)/python -m selftune.servedbench --out $(WORKDIR)/servedbench.json
 
 clean:
 	rm -rf $(WORKDIR) datasets/pyref

@@ -172,6 +172,32 @@ def test_the_time_budget_leaves_stage_1s_one_off_screen_out_of_a_rounds_estimate
     took = loop._took(round_started, screened, opt)
     assert took == pytest.approx(100.0)
     started = now[0] - 600.0
-    assert loop._out_of_time(started, 20, [took], 450.0, 1) == ""
-    why = loop._out_of_time(started, 20, [400.0], 450.0, 1)
+    assert loop._out_of_time(started, 20, took, 450.0, 1) == ""
+    why = loop._out_of_time(started, 20, 400.0, 450.0, 1)
     assert why.startswith("time budget: 10.0 of 20 min used") and "stopped after 1 candidates" in why
+
+
+def test_the_time_budget_expects_a_rewrite_at_the_incumbents_pace_and_a_search_draw_at_the_slowest():
+    """Figures of a weak-start tune: the baseline (1 chunk of 300) answers at 1.8 s per item; a lever
+    round with its settings took 87 s and was promoted; stage 1's move (4 chunks of 800) answered at
+    4.5 s per item and took 204 s. A rewrite keeps the incumbent's settings: expected to take 87 s, and
+    the test to answer the best at the incumbent's pace; a search draw may be as slow as the slowest."""
+    from selftune.loop import Pace
+
+    pace = Pace(n_val=42, n_test=36, base_key="weak", base_secs=1.8)
+    assert pace.next_round("weak", keeps=True) == pytest.approx(1.8 * 42)  # nothing measured yet: the baseline's
+    pace.evaluated("rp", 1.9)
+    pace.took("rp", 87.0)
+    pace.evaluated("long", 4.5)
+    pace.took("long", 204.0)
+    assert pace.next_round("rp", keeps=True) == 87.0
+    assert pace.test("rp", keeps=True) == pytest.approx((1.8 + 1.9) * 36)
+    assert pace.next_round("rp", keeps=False) == 204.0
+    assert pace.test("rp", keeps=False) == pytest.approx((1.8 + 4.5) * 36)
+    # the incumbent's settings never had a round of their own (the baseline): the slowest round
+    assert pace.next_round("weak", keeps=True) == 204.0
+    # and the test answers the baseline at its pace, not both at the slower one (a default run's 2.5 s
+    # and 4.3 s per item over 36 test items: 245 s, where 2 x 4.3 s said 310 s)
+    slow = Pace(n_val=42, n_test=36, base_key="base", base_secs=2.5)
+    slow.evaluated("long", 4.3)
+    assert slow.test("base", keeps=False) == pytest.approx(244.8)

@@ -172,45 +172,55 @@ def test_steer_makes_the_optimizer_chase_only_the_trusted_criteria():
     assert opt.value(history[1].val) == pytest.approx(0.9)
 
 
-def test_generation_levers_move_once_each_when_the_incumbents_answers_show_their_symptom():
+def test_generation_levers_move_once_each_when_the_incumbents_answers_show_a_costly_symptom():
     """repeat_penalty goes to its highest choice when enough validation answers are padded or repetitive;
-    max_tokens one step up when as many stop mid-sentence; each once, after stage 1's first move, before
-    any draw or rewrite; a lever whose symptom is absent is never moved."""
+    max_tokens one step up when as many stop mid-sentence; each once, before stage 1's first move and any
+    draw or rewrite, the one whose answers lose the most against the clean ones first (an answer with both
+    symptoms counted for the first); a symptom that is absent, or costs no score, never moves its lever."""
     space = {**SPACE, "repeat_penalty": ChoiceParam(type="choice", choices=[1.0, 1.1, 1.3], initial=1.0),
              "max_tokens": ChoiceParam(type="choice", choices=[32, 48, 64], initial=48)}
     base = {**BASE, "repeat_penalty": 1.0, "max_tokens": 48}
     role = fake_role(lambda m: "Answer in one short sentence quoting the context, please.")
     opt = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
 
-    def answers(texts, flags=()):
+    def answers(texts, overalls, flags=()):
+        # the padded answers (the first 3, when flagged) are capped at 0, as the attack flags cap them
         js = tuple(Judgment(answer=Answer(probe=Probe(id=str(i), question=f"q{i}?", split="val"), text=t),
-                            scores={"correct": Score(value=0.5)}, overall=0.5, flags=flags if i < 3 else ())
-                   for i, t in enumerate(texts))
+                            scores={"correct": Score(value=o)}, overall=o, flags=flags if i < 3 else ())
+                   for i, (t, o) in enumerate(zip(texts, overalls, strict=True)))
         return Evaluation(params=base, split="val", judgments=js)
 
-    # 3 of 10 answers repetitive (padding flag), 3 of 10 cut off mid-sentence
-    val = answers(["It is a list. " * 3] * 3 + ["It returns the value and"] * 3 + ["Done."] * 4,
-                  flags=("padding:repetitive",))
+    # 3 of 10 answers repetitive (padding flag, capped at 0) and so run into their token budget; 4 more
+    # cut off mid-sentence (0.3 each); 3 clean (0.8). The repetitive ones count for repetition only:
+    # 3 x 0.8 below the clean ones, more than the cut-off ones' 4 x 0.5 (counted as cut off too, the 7
+    # would lose 7 x 0.63 and the longer budget would go first)
+    val = answers(["It is a list. It is a list. It is"] * 3 + ["It returns the value and"] * 4 + ["Done."] * 3,
+                  [0.0] * 3 + [0.3] * 4 + [0.8] * 3, flags=("padding:repetitive",))
     r0 = Round(index=0, params=base, train=val.model_copy(update={"split": "train"}), val=val,
                gate=GateDecision(promote=True, reason=""), incumbent_index=0)
     history = [r0]
-    p1, n1 = opt.propose(history)  # stage 1's first move comes first
-    assert n1[0].startswith("search: stage 1") and p1["repeat_penalty"] == 1.0
+    assert not opt.stage2_turn(history)  # round 1 is a search turn, but a lever is due: no worker's draw
+    assert not opt.keeps_settings(history)
+    p1, n1 = opt.propose(history)
+    assert p1 == {**base, "repeat_penalty": 1.3} and n1 == (
+        "lever: repeat_penalty 1.0 -> 1.3 (3 of 10 validation answers repetitive or padded, scoring 0.80 below "
+        "those with no symptom)",)
     history.append(r0.model_copy(update={"index": 1, "params": p1, "incumbent_index": 0}))
     p2, n2 = opt.propose(history)
-    assert p2 == {**base, "repeat_penalty": 1.3} and n2 == (
-        "lever: repeat_penalty 1.0 -> 1.3 (3 of 10 validation answers repetitive or padded)",)
+    assert p2 == {**base, "max_tokens": 64} and n2[0].startswith("lever: max_tokens 48 -> 64 (4 of 10")
+    assert n2[0].endswith("scoring 0.50 below those with no symptom)")
     history.append(r0.model_copy(update={"index": 2, "params": p2, "incumbent_index": 0}))
-    assert not opt.stage2_turn(history)  # round 3 is a search turn, but a lever is due: no worker's draw
-    p3, n3 = opt.propose(history)
-    assert p3 == {**base, "max_tokens": 64} and n3[0].startswith("lever: max_tokens 48 -> 64 (3 of 10")
+    p3, n3 = opt.propose(history)  # both moved once: stage 1's first move, then draws and rewrites
+    assert n3[0].startswith("search: stage 1") and p3["repeat_penalty"] == 1.0 and p3["max_tokens"] == 48
     history.append(r0.model_copy(update={"index": 3, "params": p3, "incumbent_index": 0}))
-    _, n4 = opt.propose(history)  # both moved once: back to search draws and rewrites
-    assert not n4[0].startswith("lever")
+    assert opt.keeps_settings(history)  # round 4 rewrites: the incumbent's settings, at its pace (time budget)
+    p4, n4 = opt.propose(history)
+    assert not n4[0].startswith("lever") and {k: v for k, v in p4.items() if k != "instructions"} == {
+        k: v for k, v in base.items() if k != "instructions"}
 
-    # no symptom (every answer a whole sentence, no flag): no lever is ever moved
+    # no costly symptom: 4 of 10 answers cut off but scoring as the rest do, none padded: no lever moves
     calm = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
-    ok = answers(["It is a list."] * 10)
+    ok = answers(["It returns the value and"] * 4 + ["It is a list."] * 6, [0.5] * 10)
     r0 = r0.model_copy(update={"val": ok})
     history = [r0]
     for i in range(1, 4):

@@ -10,11 +10,9 @@ finishes has sent it on every call."""
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,16 +21,11 @@ import yaml
 from conftest import ROOT, check_tune_record
 from selftune import lm
 from selftune.demo_corpus import materialize
+from selftune.llamaserver import LlamaServer
 
 pytestmark = pytest.mark.e2e
 TOPICS = ["assert", "pass", "break", "continue", "del", "return", "global", "raise"]
 KEY_ENV = "SELFTUNE_SERVED_KEY"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,35 +33,9 @@ def served(tmp_path_factory):
     """The embedded GGUF behind an OpenAI-compatible endpoint that demands a random key; always torn down."""
     tmp = tmp_path_factory.mktemp("served")
     key = "sk-selftune-" + secrets.token_hex(16)
-    port, threads = _free_port(), str(min(2, os.cpu_count() or 1))
     log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(lm.local_gguf_path()), "--host", "127.0.0.1",
-             "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096",
-             "--seed", "0", "--api_key", key],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-            try:
-                req = urllib.request.Request(f"{base}/models", headers={"Authorization": f"Bearer {key}"})
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                assert time.monotonic() < deadline, f"the server did not come up: {log.read_text()[-2000:]}"
-                time.sleep(1)
+    with LlamaServer(log, key) as base:
         yield {"base": base, "key": key, "log": log, "tmp": tmp}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def _served_config(tmp: Path, base: str) -> Path:

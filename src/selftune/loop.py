@@ -422,7 +422,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         base = Round(index=0, params=params, train=base_train,
                      val=session.evaluate(params, probes, "val", progress, llm_items=sample),
                      gate=GateDecision(promote=True, reason="baseline"), incumbent_index=0)
-        val_secs = (time.perf_counter() - val_started) / max(len(base.val.judgments), 1)
+        base_secs = (time.perf_counter() - val_started) / max(len(base.val.judgments), 1)
         # what the baseline cost per item answered and judged: the forecast of a candidate and of the test
         forecast = Forecast(per_item=per_item(base_from, ledger.mark("baseline/end"),
                                               len(base.train.judgments) + len(base.val.judgments)))
@@ -443,9 +443,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         history = [base]
         observer.round(base)
         n_test = sum(p.split == "test" for p in probes)
-        round_secs: list[float] = []  # each round's wall time less stage 1's one-off screen
-        # val_secs: seconds per validation item of the latest full candidate (the baseline's first), the pace
-        # a next round's validation and the held-out test are estimated at
+        setting = lambda ps: tuple(sorted((k, repr(v)) for k, v in ps.items() if k not in optimizer.text))  # noqa: E731
+        # the time budget's estimates of the next round and of the held-out test, from measured paces
+        pace = Pace(n_val, n_test, setting(base.params), base_secs)
         if pool is not None:  # what a worker needs; never a test probe
             pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"], ahead=pool.ahead,
                          demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
@@ -465,8 +465,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 stop_reason = f"{why}, so it stopped after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
-            if spec.budget.minutes is not None and (why := _out_of_time(
-                    started, spec.budget.minutes, round_secs or [val_secs * n_val], 2 * val_secs * n_test, i - 1)):
+            if spec.budget.minutes is not None:
+                inc_key = setting(next(r for r in history if r.index == history[-1].incumbent_index).params)
+                keeps = optimizer.keeps_settings(history)
+                why = _out_of_time(started, spec.budget.minutes, pace.next_round(inc_key, keeps),
+                                   pace.test(inc_key, keeps), i - 1)
+            if spec.budget.minutes is not None and why:
                 stop_reason = why
                 log.info("%s", stop_reason)
                 break
@@ -505,7 +509,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices,
                                        stop=lambda js: optimizer.checkpoint(js, incumbent.val, cfg.gate))
                 if len(val.judgments) == n_val:
-                    val_secs = (time.perf_counter() - val_started) / max(n_val, 1)
+                    pace.evaluated(setting(cand), (time.perf_counter() - val_started) / max(n_val, 1))
             empty = Evaluation(params=cand, split="train", judgments=())
             if len(val.judgments) < n_val:  # pruned: recorded, never compared or promoted
                 monitor.observe([val])
@@ -514,7 +518,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                             notes=notes, judge_stats=dict(monitor.stats), trusted=trusted, pruned=True)
                 history.append(rnd)
                 observer.round(rnd)
-                round_secs.append(_took(round_started, screened, optimizer))
+                pace.took(setting(cand), _took(round_started, screened, optimizer))
                 forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
                 continue
             ledger.stage = "judge monitoring"
@@ -548,7 +552,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                         judge_stats=stats_now, trusted=trusted)
             history.append(rnd)
             observer.round(rnd)
-            round_secs.append(_took(round_started, screened, optimizer))
+            pace.took(setting(cand), _took(round_started, screened, optimizer))
             forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
             if pool is not None:
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
@@ -688,14 +692,46 @@ def _took(round_started: float, screened: float, optimizer: Optimizer) -> float:
     return time.perf_counter() - round_started - (optimizer.screen_seconds - screened)
 
 
-def _out_of_time(started: float, minutes: float, round_secs: list[float], test_secs: float, done: int) -> str:
-    """Why no further candidate fits in ``optimizer.budget.minutes`` (empty if one does): the slowest
-    round so far (stage 1's one-off screen left out) plus the held-out test (baseline and best, at the
-    latest full candidate's seconds per validation item)."""
+class Pace:
+    """What ``optimizer.budget.minutes`` expects of the next round and of the held-out test, from what
+    the tune has measured: each full evaluation's seconds per validation item, keyed by the candidate's
+    non-text params (its retrieval and generation settings), and each round's wall time (stage 1's
+    one-off screen left out), keyed the same way."""
+
+    def __init__(self, n_val: int, n_test: int, base_key: Any, base_secs: float):
+        self.n_val, self.n_test, self.base_secs, self.latest = n_val, n_test, base_secs, base_secs
+        self.item: dict[Any, float] = {base_key: base_secs}
+        self.rounds: list[tuple[Any, float]] = []
+
+    def evaluated(self, key: Any, secs_per_item: float) -> None:
+        self.item[key] = self.latest = secs_per_item
+
+    def took(self, key: Any, secs: float) -> None:
+        self.rounds.append((key, secs))
+
+    def next_round(self, incumbent: Any, keeps: bool) -> float:
+        """A rewrite (``keeps``: the incumbent's settings) takes what a round with those settings took;
+        anything else (a search draw, a lever) may be as slow as the slowest round so far."""
+        same = [s for k, s in self.rounds if k == incumbent] if keeps else []
+        if same:
+            return max(same)
+        return max(s for _, s in self.rounds) if self.rounds else self.latest * self.n_val
+
+    def test(self, incumbent: Any, keeps: bool) -> float:
+        """The held-out test answers the baseline (at its own pace) and the best: the incumbent, or the
+        next candidate if it is promoted (a rewrite answers at the incumbent's pace; a search draw at
+        the latest full candidate's, a longer context making it slower than the baseline)."""
+        mine = self.item.get(incumbent, self.latest)
+        return (self.base_secs + (mine if keeps else max(mine, self.latest))) * self.n_test
+
+
+def _out_of_time(started: float, minutes: float, round_est: float, test_secs: float, done: int) -> str:
+    """Why no further candidate fits in ``optimizer.budget.minutes`` (empty if one does): the next
+    round's estimate plus the held-out test's (``Pace``)."""
     elapsed = time.perf_counter() - started
-    if elapsed + max(round_secs) + test_secs <= minutes * 60:
+    if elapsed + round_est + test_secs <= minutes * 60:
         return ""
-    return (f"time budget: {elapsed / 60:.1f} of {minutes:g} min used; another candidate (~{max(round_secs) / 60:.1f} "
+    return (f"time budget: {elapsed / 60:.1f} of {minutes:g} min used; another candidate (~{round_est / 60:.1f} "
             f"min) and the held-out test (~{test_secs / 60:.1f} min) would not fit, so it stopped after {done} "
             "candidates")
 

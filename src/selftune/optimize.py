@@ -254,8 +254,13 @@ class Optimizer:
 
     def stage2_turn(self, history: list[Round]) -> bool:
         """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
-        return (self._search_turn(history[-1].index + 1) and (self._first_move_done or not self.retrieval)
-                and self._lever_move(history) is None)
+        return (self._search_turn(history[-1].index + 1) and self._lever_move(history) is None
+                and (self._first_move_done or not self.retrieval))
+
+    def keeps_settings(self, history: list[Round]) -> bool:
+        """The next round rewrites the text params only (no search move, no lever due): its candidate
+        answers with the incumbent's retrieval and generation settings, so at the incumbent's pace."""
+        return bool(self.text) and not self._search_turn(history[-1].index + 1) and self._lever_move(history) is None
 
     def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
         """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
@@ -265,8 +270,8 @@ class Optimizer:
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1
         search_turn = self._search_turn(index)
-        if (self._first_move_done or not self.retrieval) and (lever := self._lever_move(history)) is not None:
-            name, value, note = lever  # a measured symptom first: before draws and rewrites
+        if (lever := self._lever_move(history)) is not None:
+            name, value, note = lever  # a measured symptom first: before stage 1's move, draws and rewrites
             self._levers_moved.add(name)
             params[name] = value
             if name in self.retrieval or name in self.other:
@@ -298,14 +303,26 @@ class Optimizer:
         return params, tuple(notes)
 
     def _lever_move(self, history: list[Round]) -> tuple[str, Any, str] | None:
-        """The first generation lever (``LEVERS``) not yet moved whose symptom at least ``LEVER_SHARE``
-        (and ``LEVER_MIN``) of the incumbent's validation answers show, with the value it moves to:
-        (name, value, note); None when no lever is due."""
+        """The generation lever (``LEVERS``) not yet moved whose symptom at least ``LEVER_SHARE`` (and
+        ``LEVER_MIN``) of the incumbent's validation answers show, with the value it moves to:
+        (name, value, note); None when no lever is due. An answer showing several symptoms counts for the
+        first in ``LEVERS`` order (a repetitive answer runs into its token budget: the repetition, not the
+        budget, is its trouble). A symptom counts only where it costs score: its answers must score below
+        the answers showing no symptom, on average (a cut-off answer the rubric does not mark down is no
+        reason to spend a round on a longer budget). Of several due, the one whose answers lose the most
+        against those (their count times the mean gap) goes first."""
         if not history:
             return None
         incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
         answers = list(incumbent.val.judgments)
-        for name, (symptom, called, how) in LEVERS.items():
+        due: list[tuple[float, int, tuple[str, Any, str]]] = []
+        shown: list[list[Judgment]] = []  # each answer under the first symptom it shows
+        for symptom, _, _ in LEVERS.values():
+            taken = {id(j) for group in shown for j in group}
+            shown.append([j for j in answers if id(j) not in taken and symptom(j)])
+        taken = {id(j) for group in shown for j in group}
+        clean = [j.overall for j in answers if id(j) not in taken and j.overall is not None]
+        for order, ((name, (_, called, how)), showing) in enumerate(zip(LEVERS.items(), shown, strict=True)):
             spec = self.space.get(name)
             if name in self._levers_moved or not isinstance(spec, ChoiceParam | IntParam):
                 continue
@@ -313,12 +330,18 @@ class Optimizer:
                       else list(range(spec.low, spec.high + 1)))
             now = incumbent.params.get(name, spec.initial)
             higher = [v for v in values if isinstance(now, int | float) and v > now]
-            n = sum(symptom(j) for j in answers)
+            n = len(showing)
             if not higher or n < max(LEVER_MIN, LEVER_SHARE * len(answers)):
                 continue
+            mine = [j.overall if j.overall is not None else 0.0 for j in showing]
+            gap = (sum(clean) / len(clean) if clean else 1.0) - sum(mine) / n
+            if gap <= 0:
+                continue
             value = higher[-1] if how == "max" else higher[0]
-            return name, value, f"lever: {name} {now} -> {value} ({n} of {len(answers)} validation answers {called})"
-        return None
+            due.append((gap * n, -order, (name, value, f"lever: {name} {now} -> {value} ({n} of {len(answers)} "
+                                                       f"validation answers {called}, scoring {gap:.2f} below those "
+                                                       "with no symptom)")))
+        return max(due, key=lambda d: d[:2])[2] if due else None
 
     def _first_move(self, incumbent: Round) -> Params | None:
         """The best retrieval setting of stage 1 (cheap objective, no LM call), everything else kept."""
