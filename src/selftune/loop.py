@@ -468,12 +468,11 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             if spec.budget.minutes is not None:
                 inc_key = setting(next(r for r in history if r.index == history[-1].incumbent_index).params)
                 keeps = optimizer.keeps_settings(history)
-                why = _out_of_time(started, spec.budget.minutes, pace.next_round(inc_key, keeps),
-                                   pace.test(inc_key, keeps), i - 1)
-            if spec.budget.minutes is not None and why:
-                stop_reason = why
-                log.info("%s", stop_reason)
-                break
+                if why := _out_of_time(started, spec.budget.minutes, pace.next_round(inc_key, keeps),
+                                       pace.test(inc_key, keeps), i - 1):
+                    stop_reason = why
+                    log.info("%s", stop_reason)
+                    break
             round_started, screened = time.perf_counter(), optimizer.screen_seconds
             incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
             if cfg.probes.mine:  # new train probes near the incumbent's failures, answered by the next incumbent
