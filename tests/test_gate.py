@@ -126,3 +126,26 @@ def test_the_mde_spread_is_pooled_within_comparisons_not_across_them():
     out = _evidence(rounds, rounds[0], base, base, ON_C, ON_C, SimpleNamespace(gate=GateSpec(), seed=0), n, False)
     assert out["gate/paired_sd"] == pytest.approx(0.01026, abs=1e-4)  # sqrt(2 * 20 * 0.0001 / 38)
     assert out["gate/min_detectable_effect"] < 0.01
+
+
+def test_the_mde_rests_on_comparisons_with_small_gains():
+    """A lever that mends a quarter of the items (+0.6 each, the rest unmoved) has a wide spread made
+    of its own effect; beside it, two small-gain comparisons with a spread of ~0.05. The figure rests on
+    the small ones; the all-comparison figure, logged beside it, includes the lever's spread."""
+    from types import SimpleNamespace
+
+    from selftune.loop import _evidence
+    from selftune.records import GateDecision, Round
+
+    n = 40
+    base = ev([0.3] * n)
+    lever = ev([0.9 if i % 4 == 0 else 0.3 for i in range(n)])  # mean +0.15, SD ~0.26
+    small1 = ev([0.9 + (0.05 if i % 2 else -0.05) if i % 4 == 0 else 0.3 + (0.05 if i % 2 else -0.05)
+                 for i in range(n)])
+    small2 = ev([v + 0.02 for v in (s.overall for s in small1.judgments)])
+    rounds = [Round(index=k, params={}, train=ev([], split="train"), val=v, incumbent_index=k,
+                    gate=GateDecision(promote=True, reason="")) for k, v in enumerate((base, lever, small1, small2))]
+    out = _evidence(rounds, rounds[-1], base, base, ON_C, ON_C, SimpleNamespace(gate=GateSpec(), seed=0), n, False)
+    assert out["gate/comparisons"] == 3 and out["gate/comparisons_small"] == 2
+    assert out["gate/paired_sd_all"] > 0.15 > 0.06 > out["gate/paired_sd"] > 0.03
+    assert out["gate/min_detectable_effect"] < 0.05 < out["gate/min_detectable_effect_all"]

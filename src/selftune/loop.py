@@ -658,20 +658,33 @@ def _evidence(history: list[Round], best: Round, test_base: Evaluation, test_bes
                     out[f"{on or 'objective/'}{split}_{label}"] = v
     # the paired gains of every candidate over the incumbent it faced (pruned ones on the items they reached)
     # pooled within comparisons: a candidate's own mean gain is the effect, not noise, so each
-    # comparison's squared deviations are taken from its own mean (SD = sqrt(sum SS_k / sum (n_k - 1)))
+    # comparison's squared deviations are taken from its own mean (SD = sqrt(sum SS_k / sum (n_k - 1))).
+    # A large gain is also a spread: a lever that mends a quarter of the answers moves those items by
+    # ~0.6 and leaves the rest, so its items' gains scatter by ~0.25 around its mean. What decides
+    # whether the gate sees a *small* gain is the spread of comparisons with small gains, so the figure
+    # rests on the comparisons whose |mean gain| is below the minimum detectable effect of them all
+    # (the effects whose detection is in question); the all-comparison figure is logged beside it.
     by_index = {r.index: r for r in history}
-    ss, dof = 0.0, 0
+    comparisons = []  # (mean gain, sum of squares about it, degrees of freedom)
     for k in range(1, len(history)):
         d = paired_diffs(history[k].val, by_index[history[k - 1].incumbent_index].val, objective)
         if len(d) >= 2:
             m = statistics.fmean(d)
-            ss += sum((x - m) ** 2 for x in d)
-            dof += len(d) - 1
-    if dof >= 1:
-        sd = (ss / dof) ** 0.5
-        out["gate/paired_sd"] = sd
-        if (mde := min_detectable_effect(sd, n_val, cfg.gate.confidence)) is not None:
-            out["gate/min_detectable_effect"] = mde
+            comparisons.append((m, sum((x - m) ** 2 for x in d), len(d) - 1))
+
+    def pooled(cs: list[tuple[float, float, int]]) -> float:
+        return (sum(c[1] for c in cs) / sum(c[2] for c in cs)) ** 0.5
+
+    if comparisons:
+        sd_all = pooled(comparisons)
+        mde_all = min_detectable_effect(sd_all, n_val, cfg.gate.confidence)
+        small = [c for c in comparisons if mde_all is not None and abs(c[0]) < mde_all] or comparisons
+        sd = pooled(small)
+        out.update({"gate/paired_sd": sd, "gate/paired_sd_all": sd_all, "gate/comparisons": len(comparisons),
+                    "gate/comparisons_small": len(small)})
+        if mde_all is not None:
+            out["gate/min_detectable_effect_all"] = mde_all
+            out["gate/min_detectable_effect"] = min_detectable_effect(sd, n_val, cfg.gate.confidence)
     out["gate/n_val"] = n_val
     return out
 

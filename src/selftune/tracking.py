@@ -447,8 +447,10 @@ def _evidence_lines(st: dict[str, Any]) -> list[str]:
             out.append(f"- best over baseline {what}, paired-bootstrap interval: " + "; ".join(parts))
     if "gate/min_detectable_effect" in st:
         out.append(f"- minimum detectable effect of the validation split: {st['gate/min_detectable_effect']:.3f} "
-                   f"(n={int(st['gate/n_val'])}, paired SD {st['gate/paired_sd']:.3f} pooled within comparisons, "
-                   "80% power at the gate's confidence)")
+                   f"(n={int(st['gate/n_val'])}, 80% power at the gate's confidence; paired SD "
+                   f"{st['gate/paired_sd']:.3f} pooled within the {int(st['gate/comparisons_small'])} of "
+                   f"{int(st['gate/comparisons'])} comparisons whose gain was smaller than that of them all: "
+                   f"{st['gate/min_detectable_effect_all']:.3f} at paired SD {st['gate/paired_sd_all']:.3f})")
     calls = {k.split("/", 1)[1]: int(v) for k, v in st.items() if k.startswith("calls/") and k not in
              ("calls/total", "calls/budget") and not k.startswith("calls/role/")}
     if calls:
