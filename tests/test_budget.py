@@ -201,3 +201,31 @@ def test_the_time_budget_expects_a_rewrite_at_the_incumbents_pace_and_a_search_d
     slow = Pace(n_val=42, n_test=36, base_key="base", base_secs=2.5)
     slow.evaluated("long", 4.3)
     assert slow.test("base", keeps=False) == pytest.approx(244.8)
+
+
+def test_a_candidate_is_stopped_midway_when_its_own_pace_would_overrun_the_budget(monkeypatch):
+    """Figures of the 2026-12-06 default run: the baseline answered at 2.5 s per validation item; a
+    promoted round's time beyond its 42 validation answers was 0.6 of them (25 items' worth); stage 1's
+    move (4 chunks of 800) answers at 4.3 s per item. At its first slice (10 items) with 12.6 of 17
+    minutes gone, the rest (32 items, 25 items' worth of monitoring and train, and the test: 36 x (2.5 +
+    4.3) s) needs ~8.2 min: stopped. With 8 minutes gone, it goes on."""
+    import time
+
+    from selftune import loop
+    from selftune.loop import Pace
+
+    pace = Pace(n_val=42, n_test=36, base_key="base", base_secs=2.5, n_train=16)
+    assert pace.midway(4.3, 32) == pytest.approx(4.3 * (32 + 16) + (2.5 + 4.3) * 36)  # nothing measured: train
+    pace.evaluated("rp", 2.6)
+    pace.took("rp", 2.6 * 42 + 2.6 * 25)  # a full round: 25 items' worth beyond validation
+    pace.evaluated("x", 9.9)
+    pace.took("x", 10.0, full=False)  # a pruned round teaches nothing about a round's overhead
+    assert pace.overhead == [pytest.approx(25.0)]
+    need = pace.midway(4.3, 32)
+    assert need == pytest.approx(4.3 * (32 + 25) + (2.5 + 4.3) * 36)
+    now = [10_000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    why = loop._out_of_time_midway(now[0] - 12.6 * 60, 17, pace, 10, 4.3)
+    assert why.startswith("time budget: stopped after 10 of 42 validation items: at 4.3 s per item")
+    assert f"(~{need / 60:.1f} min) would end at {12.6 + need / 60:.1f} of 17 min" in why
+    assert loop._out_of_time_midway(now[0] - 8 * 60, 17, pace, 10, 4.3) == ""

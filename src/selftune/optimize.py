@@ -249,18 +249,21 @@ class Optimizer:
         self.search.abandon()
         self._cand = None
 
-    def _search_turn(self, index: int) -> bool:
-        return bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+    def _search_turn(self, history: list[Round]) -> bool:
+        """Search moves and rewrites take turns, a search move first. A lever round (a measured symptom
+        mended by rule) takes no one's turn: the round after it is the turn it came before."""
+        turn = 1 + sum(1 for r in history[1:] if not (r.notes and r.notes[0].startswith("lever: ")))
+        return bool(self.retrieval or self.other) and (not self.text or turn % 2 == 1)
 
     def stage2_turn(self, history: list[Round]) -> bool:
         """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
-        return (self._search_turn(history[-1].index + 1) and self._lever_move(history) is None
+        return (self._search_turn(history) and self._lever_move(history) is None
                 and (self._first_move_done or not self.retrieval))
 
     def keeps_settings(self, history: list[Round]) -> bool:
         """The next round rewrites the text params only (no search move, no lever due): its candidate
         answers with the incumbent's retrieval and generation settings, so at the incumbent's pace."""
-        return bool(self.text) and not self._search_turn(history[-1].index + 1) and self._lever_move(history) is None
+        return bool(self.text) and not self._search_turn(history) and self._lever_move(history) is None
 
     def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
         """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
@@ -269,7 +272,7 @@ class Optimizer:
         incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1
-        search_turn = self._search_turn(index)
+        search_turn = self._search_turn(history)
         if (lever := self._lever_move(history)) is not None:
             name, value, note = lever  # a measured symptom first: before stage 1's move, draws and rewrites
             self._levers_moved.add(name)
