@@ -211,7 +211,7 @@ def test_a_candidate_past_the_time_budget_is_stopped_at_its_first_slice_and_the_
 
     asked = []
 
-    def past(started, minutes, pace, done, secs):
+    def past(started, minutes, pace, done, secs, left):
         asked.append((done, secs))
         return f"time budget: stopped after {done} of {pace.n_val} validation items"
 

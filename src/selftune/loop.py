@@ -510,9 +510,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 def stop(js: list[Judgment]) -> bool:  # pruned as losing, or past the time budget
                     if optimizer.checkpoint(js, incumbent.val, cfg.gate):
                         return True
-                    secs = (time.perf_counter() - val_started) / len(js)
+                    left, secs = val_pace(js, time.perf_counter() - val_started, llm_items, n_val)
                     if spec.budget.minutes is not None and (
-                            why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs)):
+                            why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left)):
                         timed_out.append(why)
                         return True
                     return False
@@ -746,13 +746,14 @@ class Pace:
             self.overhead.append(max(0.0, secs - self._val_secs) / (self._val_secs / self.n_val))
         self._val_secs = None
 
-    def midway(self, secs_per_item: float, items_left: int) -> float:
-        """What a candidate answering at ``secs_per_item`` (measured on its first items) still needs if
-        it is promoted: the rest of validation, the rest of its round (monitoring, its train minibatch:
-        the largest measured share of a round beyond validation, else the train minibatch alone), and
-        the held-out test with it as the best, the baseline at its own pace."""
+    def midway(self, secs_per_item: float, val_left: float) -> float:
+        """What a candidate still needs if it is promoted, from its first validation items: the rest of
+        validation (``val_left`` seconds, ``val_pace``), the rest of its round (monitoring, its train
+        minibatch: the largest measured share of a round beyond validation, else the train minibatch
+        alone) and the held-out test with it as the best, the baseline at its own pace; ``secs_per_item``
+        is its pace over the whole split."""
         rest = max(self.overhead) if self.overhead else float(self.n_train)
-        return secs_per_item * (items_left + rest) + (self.base_secs + secs_per_item) * self.n_test
+        return val_left + secs_per_item * rest + (self.base_secs + secs_per_item) * self.n_test
 
     def next_round(self, incumbent: Any, keeps: bool) -> float:
         """A rewrite (``keeps``: the incumbent's settings) takes what a round with those settings took;
@@ -770,13 +771,31 @@ class Pace:
         return (self.base_secs + (mine if keeps else max(mine, self.latest))) * self.n_test
 
 
-def _out_of_time_midway(started: float, minutes: float, pace: Pace, done_items: int, secs: float) -> str:
+def val_pace(judgments: Sequence[Judgment], elapsed: float, llm_items: int | None, n_val: int) -> tuple[float, float]:
+    """From a candidate's first validation items (answered and judged in ``elapsed`` seconds): the seconds
+    the rest of the split needs, and its pace per item over the whole split. Below the trust bar only the
+    first ``llm_items`` items are scored by the judge model (the monitoring sample), so the first slice is
+    slower than the rest: the rest is paced by the answers' own seconds, and the slice's time beyond its
+    answers (the judge's, the checks') is charged per judged item to the sample items still to come (per
+    item to every item, when none was judged)."""
+    k = len(judgments)
+    answers = sum(j.answer.seconds or 0.0 for j in judgments)
+    extra = max(0.0, elapsed - answers)
+    judged = k if llm_items is None else min(llm_items, k)
+    sample = n_val if llm_items is None else min(llm_items, n_val)
+    left = (n_val - k) * answers / k + (max(0, sample - judged) * extra / judged if judged else (n_val - k) * extra / k)
+    return left, (elapsed + left) / n_val
+
+
+def _out_of_time_midway(started: float, minutes: float, pace: Pace, done_items: int, secs: float,
+                        val_left: float) -> str:
     """Why a candidate is stopped after ``done_items`` validation items (empty if it goes on): at the
-    pace it answered them (``secs`` per item), the rest of its round and the held-out test would end past
+    pace it answered them (``val_pace``: ``val_left`` seconds to the end of validation, ``secs`` per item
+    over the whole split), the rest of its round and the held-out test would end past
     ``optimizer.budget.minutes`` (Optuna's ``timeout`` asked at each pruning step: a round slower than
     any before it, e.g. a longer context, is caught on its first slice, not after it has run)."""
     elapsed = time.perf_counter() - started
-    need = pace.midway(secs, pace.n_val - done_items)
+    need = pace.midway(secs, val_left)
     if elapsed + need <= minutes * 60:
         return ""
     return (f"time budget: stopped after {done_items} of {pace.n_val} validation items: at {secs:.1f} s per item "
