@@ -64,7 +64,7 @@ PARAMS, VAL, BASE = "selftune.params", "selftune.val", "selftune.base"
 JOB, BY, SECS = "selftune.job", "selftune.worker", "selftune.seconds"
 POLL = 0.2  # seconds between a worker's looks at the study when it has nothing to do
 WAIT = 0.1  # seconds between the tune's looks while it waits for an evaluation
-NICE = 5  # how much lower a local worker's CPU priority is than the tune's
+NICE = 10  # how much lower a local worker's CPU priority is than the tune's
 
 
 def control_study(storage: optuna.storages.BaseStorage, study: str) -> optuna.Study:
@@ -145,8 +145,8 @@ class Pool:
         for k in range(1, n + 1):
             with (logs / f"worker-{k}.log").open("ab") as out:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "selftune.cli", "worker", str(config), "--id", str(k)],
-                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_nicer))
+                    _nicer([sys.executable, "-m", "selftune.cli", "worker", str(config), "--id", str(k)]),
+                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
             (logs / f"worker-{k}.pid").write_text(str(self.procs[-1].pid))
 
     @property
@@ -306,11 +306,14 @@ class Pool:
                 p.wait(timeout=30)
 
 
-def _nicer() -> None:
-    """A local worker runs at a lower CPU priority than the tune (``NICE``): its work is mostly waiting on
-    the models, and on a machine with few cores its start-up (imports, the embedder) and its parsing
-    must not slow the tune's serial path (proposals, gating), which every round waits on."""
-    os.nice(NICE)
+def _nicer(cmd: list[str]) -> list[str]:
+    """A local worker runs at a lower CPU priority than the tune (``NICE``, by ``nice``, which keeps the
+    pid): its work is mostly waiting on the models, and on a machine with few cores its start-up
+    (imports, the embedder) and its parsing must not slow the tune's serial path (probes, proposals,
+    gating), which every round waits on."""
+    import shutil
+
+    return ["nice", "-n", str(NICE), *cmd] if shutil.which("nice") else cmd
 
 
 def _by_study(attr: Any) -> dict[str, list[int]]:
