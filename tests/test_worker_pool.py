@@ -125,6 +125,9 @@ class Opt:
     def rewrite_turn(self, history, index):
         return False
 
+    def search_turn(self, index):
+        return False
+
     def holds_draw(self):
         return False
 
@@ -197,6 +200,7 @@ def test_the_rewrite_after_a_draw_is_queued_ahead_and_never_gated_after_a_promot
     got, params, notes = _pooled(pool, ahead, 3, 4, history, opt, Session(), [], None, None)
     assert got.number == number and notes == (f"search: stage 2 trial {number} (a worker's)",)
     assert opt.proposed == [(4, 1)] and ahead[4].base == f"{pool.epoch}:1"  # queued ahead, against round 1
+    assert pool.control.user_attrs["ahead"] == 0  # no search turn after round 3: no worker draws again
     pool.publish(base=f"{pool.epoch}:3")  # round 3 promoted
     history.append(rnd(3, 3))
     got, params, _ = _pooled(pool, ahead, 4, 4, history, opt, Session(), [], None, None)

@@ -677,6 +677,9 @@ def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list
     waited = time.perf_counter()
     if draw:
         reported = pool.next()
+        # the draws still wanted: no more than the search turns after this one (said at once, so that no
+        # worker starts a draw no round will gate)
+        pool.publish(ahead=min(pool.ahead, sum(optimizer.search_turn(k) for k in range(i + 1, rounds + 1))))
         if reported is None:  # none coming against this incumbent: the tune draws one itself
             log.info("round %d: no draw coming from a worker (%.1f s): the tune draws one", i,
                      time.perf_counter() - waited)
