@@ -6,9 +6,17 @@ Every role is a model behind ``selftune.scripted`` (``role_reply``: answers by t
 call (the wait of a hosted model, spent without CPU, so the figure measures how much of that wait workers
 overlap rather than this machine's load). Each run gets a fresh work directory (no response cache, index or
 study carried over), its own SQLite study (``optimizer.storage``), the demo corpus and the same seed and
-rounds. Reported per run: wall seconds, rounds, candidates gated from workers, calls served by the endpoint,
-and the speed-up over one process. Worker processes each load the embedder and build their own Session: a
-fixed cost that the latency has to outweigh.
+rounds. Reported per run: wall seconds, the tune's own probe synthesis (and set-up) seconds and the wall
+seconds after them, rounds, candidates a worker evaluated (stage-2 draws and jobs), calls served by the
+endpoint, and the speed-up over one process, in all and after the probes. Worker processes each load the
+embedder and build their own Session: a fixed cost that the latency has to outweigh.
+
+Read the figure for what it can show. Workers overlap candidate evaluations; the default (18 probes, so
+5 validation items: two waits per candidate in one process, which already runs up to 8 calls at once)
+makes them about a tenth of the tune, the rest being serial work only the tune does (probe synthesis, one
+call after another, before any candidate exists; the judge's swap tests; the rewrites' GEPA runs; the
+held-out test). (``--probes`` above ~18 changes nothing here: the 8 demo topics yield no more probes.)
+README, "When one machine is not enough", has the measurements.
 
     python -m selftune.workerbench [--latency 0.3] [--rounds 6] [--probes 18] [--out FILE] [--keep DIR]
 """
