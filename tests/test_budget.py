@@ -201,3 +201,45 @@ def test_the_time_budget_expects_a_rewrite_at_the_incumbents_pace_and_a_search_d
     slow = Pace(n_val=42, n_test=36, base_key="base", base_secs=2.5)
     slow.evaluated("long", 4.3)
     assert slow.test("base", keeps=False) == pytest.approx(244.8)
+
+
+def test_a_candidate_is_stopped_midway_when_its_own_pace_would_overrun_the_budget(monkeypatch):
+    """Figures of the 2026-12-06 default runs: the baseline answered at 2.5 s per validation item; a
+    promoted round's time beyond its 42 validation answers was 25 items' worth; stage 1's move (4 chunks
+    of 800) answered its first 10 items in 57 s, 30 s of them in its answers: the other 27 s were the
+    judge's, which scores only the first 8 items (the monitoring sample, below the trust bar). So the
+    rest of validation is 32 answers at 3 s (96 s), no judge call left: the first slice's 5.7 s per item
+    would have said 182 s, and stopped a candidate that fits."""
+    import time
+
+    from selftune import loop
+    from selftune.loop import Pace, val_pace
+    from selftune.records import Answer, Judgment, Probe
+
+    js = [Judgment(answer=Answer(probe=Probe(id=str(i), question="q?", split="val"), text="a", seconds=3.0),
+                   scores={}, overall=0.5) for i in range(10)]
+    left, secs = val_pace(js, 57.0, 8, 42)
+    assert left == pytest.approx(96.0) and secs == pytest.approx((57 + 96) / 42)
+    # with every item judged (a trusted judge), each item still to come pays its judge share too
+    left_all, _ = val_pace(js, 57.0, None, 42)
+    assert left_all == pytest.approx(96.0 + 32 * 27 / 10)
+    # a sample larger than the slice: the judged items still to come pay it
+    assert val_pace(js, 57.0, 12, 42)[0] == pytest.approx(96.0 + 2 * 2.7)
+    # no item judged: the time beyond the answers is the checks', per item
+    assert val_pace(js, 40.0, 0, 42)[0] == pytest.approx(96.0 + 32 * 1.0)
+
+    pace = Pace(n_val=42, n_test=36, base_key="base", base_secs=2.5, n_train=16)
+    assert pace.midway(secs, left) == pytest.approx(left + secs * 16 + (2.5 + secs) * 36)  # nothing measured
+    pace.evaluated("rp", 2.6)
+    pace.took("rp", 2.6 * 42 + 2.6 * 25)  # a full round: 25 items' worth beyond validation
+    pace.evaluated("x", 9.9)
+    pace.took("x", 10.0, full=False)  # a pruned round teaches nothing about a round's overhead
+    assert pace.overhead == [pytest.approx(25.0)]
+    need = pace.midway(secs, left)
+    assert need == pytest.approx(96.0 + secs * 25 + (2.5 + secs) * 36)
+    now = [10_000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    assert loop._out_of_time_midway(now[0] - 10.1 * 60, 19.5, pace, 10, secs, left) == ""  # ~6.9 min more fits
+    why = loop._out_of_time_midway(now[0] - 13 * 60, 19.5, pace, 10, secs, left)
+    assert why.startswith(f"time budget: stopped after 10 of 42 validation items: at {secs:.1f} s per item")
+    assert f"(~{need / 60:.1f} min) would end at {13 + need / 60:.1f} of 19.5 min" in why

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import no_progress, write_config
+from conftest import ROOT, no_progress, write_config
 from selftune.config import initial_params, load_config
 from selftune.errors import InputError
 from selftune.loop import Session
@@ -59,15 +59,21 @@ def test_concurrent_answers_judgments_and_probes_equal_the_sequential_run(tmp_pa
     assert par["by_role"] == seq["by_role"] and par["tokens"] == seq["tokens"] and sum(seq["tokens"].values()) > 0
 
 
+LABELS = ROOT / "datasets/labels/pyref-labels.jsonl"
+
+
 def monitor_run(tmp_path, corpus_dir, concurrency):
-    """Judge monitoring on served models: test-retest after a baseline, then a swap test of a candidate
-    against it. Returns its outcomes, the monitoring requests and the most it had in flight."""
+    """Judge monitoring on served models: test-retest after a baseline, a swap test of a candidate against
+    it, and kappa with human labels (``judge.trust.labels``). Returns its outcomes, the monitoring requests
+    and, per check, the most requests the server had in flight."""
     from selftune.trust import Monitor
 
     tmp_path.mkdir()
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(LABELS.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
     with ScriptedServer(latency=0.05) as server:
         cfg = load_config(write_config(tmp_path, corpus_dir, models=served_models(server.base, concurrency),
-                                       judge="{retest_sample: 6, swap_sample: 6}"))
+                                       judge=f"{{retest_sample: 6, swap_sample: 6, trust: {{labels: {labels}}}}}"))
         session = Session(cfg)
         try:
             probes, _ = session.probes(no_progress)
@@ -75,11 +81,15 @@ def monitor_run(tmp_path, corpus_dir, concurrency):
             base = [session.evaluate(params, probes, split, no_progress) for split in ("train", "val")]
             cand = session.evaluate({**params, "top_k": 1}, probes, "val", no_progress)
             monitor = Monitor(session.rubric, session.judge, cfg.judge, cfg.seed)
-            server.max_inflight, before = 0, server.requests
-            retest = monitor.retest(base)
-            compared = monitor.compare(cand, base[1], cfg.judge.swap_sample)
-            return {"retest": retest, "compared": compared, "stats": dict(monitor.stats),
-                    "bodies": server.bodies[before:], "inflight": server.max_inflight}
+            before, inflight, out = server.requests, {}, {}
+            for check, run in (("retest", lambda: monitor.retest(base)),
+                               ("compared", lambda: monitor.compare(cand, base[1], cfg.judge.swap_sample)),
+                               ("kappa", monitor.calibrate)):
+                server.max_inflight = 0
+                out[check] = run()
+                inflight[check] = server.max_inflight
+            return {**out, "stats": dict(monitor.stats), "bodies": server.bodies[before:], "inflight": inflight,
+                    "labelled": [json.loads(line)["answer"] for line in labels.read_text().splitlines()]}
         finally:
             session.close()
 
@@ -87,14 +97,19 @@ def monitor_run(tmp_path, corpus_dir, concurrency):
 def test_judge_monitoring_runs_in_the_judges_pool_with_the_sequential_outcomes(tmp_path, corpus_dir):
     seq = monitor_run(tmp_path / "seq", corpus_dir, 1)
     par = monitor_run(tmp_path / "par", corpus_dir, 8)
-    assert seq["inflight"] == 1 and par["inflight"] > 1  # test-retest and swap calls overlapped
-    assert seq["retest"]["retest/n"] >= 3 and seq["compared"]["n"] >= 2
-    assert par["retest"] == seq["retest"] and par["compared"] == seq["compared"] and par["stats"] == seq["stats"]
+    checks = ("retest", "compared", "kappa")
+    # test-retest, swap and label calls overlapped, each check on its own; one at a time did not
+    assert all(seq["inflight"][c] == 1 and par["inflight"][c] > 1 for c in checks), (seq["inflight"], par["inflight"])
+    assert seq["retest"]["retest/n"] >= 3 and seq["compared"]["n"] >= 2 and seq["kappa"]["kappa/grounded/n"] == 10
+    assert all(par[c] == seq[c] for c in checks) and par["stats"] == seq["stats"]
     # the same requests (fence tokens, hence cache keys), each as often; one at a time, in item order
     key = lambda b: json.dumps(b, sort_keys=True)  # noqa: E731
     assert Counter(map(key, par["bodies"])) == Counter(map(key, seq["bodies"]))
     pair = [b for b in seq["bodies"] if "winner" in json.dumps(b.get("response_format"))]
-    assert len(pair) == 2 * seq["compared"]["n"] and len(seq["bodies"]) == len(pair) + seq["retest"]["retest/n"]
+    labelled = seq["bodies"][-len(seq["labelled"]):]
+    assert len(pair) == 2 * seq["compared"]["n"]
+    assert len(seq["bodies"]) == len(pair) + seq["retest"]["retest/n"] + len(labelled)
+    assert all(json.dumps(answer[:40])[1:-1] in json.dumps(b) for answer, b in zip(seq["labelled"], labelled))
 
 
 def test_the_local_model_stays_serialized(tmp_path, corpus_dir):

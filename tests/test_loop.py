@@ -200,3 +200,31 @@ def test_a_budget_ends_the_tune_before_the_next_candidate_and_the_report_says_wh
     assert len(result.rounds) == 1 and result.stats["stopped_because"].startswith(why)
     assert f"- stopped: {why}" in report(result) and "after 0 candidates" in result.stats["stopped_because"]
     assert result.test_best is result.test_baseline  # the held-out test is still scored, once
+
+
+def test_a_candidate_past_the_time_budget_is_stopped_at_its_first_slice_and_the_test_still_runs(
+        tmp_path, corpus_dir, monkeypatch):
+    """The time budget is asked at each pruning step too (``loop._out_of_time_midway``, Optuna's timeout
+    at a report): a candidate whose measured pace would overrun it is stopped there, recorded as
+    unfinished with the reason, never promoted, and the tune goes to the held-out test."""
+    from selftune import loop
+
+    asked = []
+
+    def past(started, minutes, pace, done, secs, left):
+        asked.append((done, secs))
+        return f"time budget: stopped after {done} of {pace.n_val} validation items"
+
+    monkeypatch.setattr(loop, "_out_of_time_midway", past)
+    from selftune.demo_corpus import materialize
+
+    materialize(corpus_dir / "ref", ["assert", "pass", "break", "continue", "del", "return", "global", "raise"])
+    cfg = load_config(write_config(tmp_path, corpus_dir, probes="{count: 30}",
+                                   optimizer="{rounds: 3, slices: [3], train_items: 4, budget: {minutes: 60}}"))
+    result = tune(Session(cfg, models=FakeModels()), 3, MlflowTracker(cfg), no_progress)
+    assert asked and asked[0][0] == 3 and asked[0][1] > 0
+    r1 = result.rounds[-1]
+    assert len(result.rounds) == 2 and r1.pruned and not r1.gate.promote and len(r1.val.judgments) == 3
+    assert r1.gate.reason == f"time budget: stopped after 3 of {len(result.rounds[0].val.judgments)} validation items"
+    assert result.stats["stopped_because"].endswith("so it stopped after 1 candidates (the last one unfinished)")
+    assert result.test_best is result.test_baseline  # the held-out test is still scored, once

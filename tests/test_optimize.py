@@ -205,18 +205,34 @@ def test_generation_levers_move_once_each_when_the_incumbents_answers_show_a_cos
     assert p1 == {**base, "repeat_penalty": 1.3} and n1 == (
         "lever: repeat_penalty 1.0 -> 1.3 (3 of 10 validation answers repetitive or padded, scoring 0.80 below "
         "those with no symptom)",)
-    history.append(r0.model_copy(update={"index": 1, "params": p1, "incumbent_index": 0}))
+    history.append(r0.model_copy(update={"index": 1, "params": p1, "incumbent_index": 0, "notes": n1}))
     p2, n2 = opt.propose(history)
     assert p2 == {**base, "max_tokens": 64} and n2[0].startswith("lever: max_tokens 48 -> 64 (4 of 10")
     assert n2[0].endswith("scoring 0.50 below those with no symptom)")
-    history.append(r0.model_copy(update={"index": 2, "params": p2, "incumbent_index": 0}))
+    history.append(r0.model_copy(update={"index": 2, "params": p2, "incumbent_index": 0, "notes": n2}))
     p3, n3 = opt.propose(history)  # both moved once: stage 1's first move, then draws and rewrites
     assert n3[0].startswith("search: stage 1") and p3["repeat_penalty"] == 1.0 and p3["max_tokens"] == 48
-    history.append(r0.model_copy(update={"index": 3, "params": p3, "incumbent_index": 0}))
+    history.append(r0.model_copy(update={"index": 3, "params": p3, "incumbent_index": 0, "notes": n3}))
     assert opt.keeps_settings(history)  # round 4 rewrites: the incumbent's settings, at its pace (time budget)
     p4, n4 = opt.propose(history)
     assert not n4[0].startswith("lever") and {k: v for k, v in p4.items() if k != "instructions"} == {
         k: v for k, v in base.items() if k != "instructions"}
+
+    # a lever takes no one's turn: after one lever round, the search turn it came before is still due
+    # (stage 1's move), then a rewrite
+    one = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)
+    rep = answers(["It is a list. It is a list. It is"] * 3 + ["Done."] * 7, [0.0] * 3 + [0.8] * 7,
+                  flags=("padding:repetitive",))
+    h = [r0.model_copy(update={"val": rep})]
+    q1, m1 = one.propose(h)
+    assert m1[0].startswith("lever: repeat_penalty 1.0 -> 1.3 (3 of 10")
+    h.append(h[0].model_copy(update={"index": 1, "params": q1, "incumbent_index": 0, "notes": m1}))
+    assert one.stage2_turn(h) is False and not one.keeps_settings(h)  # stage 1's move, the tune's own
+    q2, m2 = one.propose(h)
+    assert m2[0].startswith("search: stage 1") and q2["repeat_penalty"] == 1.0
+    h.append(h[0].model_copy(update={"index": 2, "params": q2, "incumbent_index": 0, "notes": m2}))
+    assert one.keeps_settings(h)
+    assert "rewritten" in one.propose(h)[1][0]
 
     # no costly symptom: 4 of 10 answers cut off but scoring as the rest do, none padded: no lever moves
     calm = Optimizer(space, RUBRIC, role, OptimizerSpec(), seed=0, cheap=cheap)

@@ -125,7 +125,7 @@ class Opt:
     def rewrite_turn(self, history, index):
         return False
 
-    def search_turn(self, index):
+    def search_turn(self, history, index):
         return False
 
     def holds_draw(self):

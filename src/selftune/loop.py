@@ -453,7 +453,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         n_test = sum(p.split == "test" for p in probes)
         setting = lambda ps: tuple(sorted((k, repr(v)) for k, v in ps.items() if k not in optimizer.text))  # noqa: E731
         # the time budget's estimates of the next round and of the held-out test, from measured paces
-        pace = Pace(n_val, n_test, setting(base.params), base_secs)
+        pace = Pace(n_val, n_test, setting(base.params), base_secs, n_train=spec.train_items)
         if pool is not None:  # what a worker needs (train probes for stage 1's cheap scores); never a test probe
             pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"],
                          demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
@@ -500,6 +500,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             # below the trust bar the judge model scores only a monitoring sample: its scores cannot count
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             reported = None
+            timed_out: list[str] = []  # why the time budget stopped this candidate midway
             if pool is not None:  # workers.py: a worker's report, or a candidate the tune evaluates itself
                 reported, cand, notes = _pooled(pool, ahead, i, rounds, history, optimizer, session, probes,
                                                 progress, llm_items)
@@ -510,20 +511,34 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             else:
                 ledger.stage = "stage 2"
                 val_started = time.perf_counter()
-                val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices,
-                                       stop=lambda js: optimizer.checkpoint(js, incumbent.val, cfg.gate))
+
+                def stop(js: list[Judgment]) -> bool:  # pruned as losing, or past the time budget
+                    if optimizer.checkpoint(js, incumbent.val, cfg.gate):
+                        return True
+                    left, secs = val_pace(js, time.perf_counter() - val_started, llm_items, n_val)
+                    if spec.budget.minutes is not None and (
+                            why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left)):
+                        timed_out.append(why)
+                        return True
+                    return False
+
+                val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices, stop=stop)
                 if len(val.judgments) == n_val:
                     pace.evaluated(setting(cand), (time.perf_counter() - val_started) / max(n_val, 1))
             empty = Evaluation(params=cand, split="train", judgments=())
-            if len(val.judgments) < n_val:  # pruned: recorded, never compared or promoted
+            if len(val.judgments) < n_val:  # pruned (or stopped by the time budget): recorded, never promoted
                 monitor.observe([val])
                 rnd = Round(index=i, params=cand, train=empty, val=val, incumbent_index=incumbent.index,
-                            gate=GateDecision(promote=False, reason=optimizer.pruned_reason),
+                            gate=GateDecision(promote=False, reason=(timed_out or [optimizer.pruned_reason])[0]),
                             notes=notes, judge_stats=dict(monitor.stats), trusted=trusted, pruned=True)
                 history.append(rnd)
                 observer.round(rnd)
-                pace.took(setting(cand), _took(round_started, screened, optimizer))
+                pace.took(setting(cand), _took(round_started, screened, optimizer), full=False)
                 forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
+                if timed_out:
+                    stop_reason = f"{timed_out[0]}, so it stopped after {i} candidates (the last one unfinished)"
+                    log.info("%s", stop_reason)
+                    break
                 continue
             ledger.stage = "judge monitoring"
             # pairwise: every validation probe compared (the promotion signal); else a swap-test sample
@@ -557,7 +572,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             pace.took(setting(cand), _took(round_started, screened, optimizer))
             forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
             if pool is not None:  # draws ahead: no more than the search turns left to gate them
-                turns = sum(optimizer.search_turn(k) for k in range(i + 1, rounds + 1))
+                turns = sum(optimizer.search_turn(history, k) for k in range(i + 1, rounds + 1))
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg, min(pool.ahead, turns))
         if pool is not None:  # workers stop now (each finishes the candidate in hand) while the tune tests
             for job in ahead.values():
@@ -679,7 +694,7 @@ def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list
         reported = pool.next()
         # the draws still wanted: no more than the search turns after this one (said at once, so that no
         # worker starts a draw no round will gate)
-        pool.publish(ahead=min(pool.ahead, sum(optimizer.search_turn(k) for k in range(i + 1, rounds + 1))))
+        pool.publish(ahead=min(pool.ahead, sum(optimizer.search_turn(history, k) for k in range(i + 1, rounds + 1))))
         if reported is None:  # none coming against this incumbent: the tune draws one itself
             log.info("round %d: no draw coming from a worker (%.1f s): the tune draws one", i,
                      time.perf_counter() - waited)
@@ -781,16 +796,35 @@ class Pace:
     non-text params (its retrieval and generation settings), and each round's wall time (stage 1's
     one-off screen left out), keyed the same way."""
 
-    def __init__(self, n_val: int, n_test: int, base_key: Any, base_secs: float):
+    def __init__(self, n_val: int, n_test: int, base_key: Any, base_secs: float, n_train: int = 0):
         self.n_val, self.n_test, self.base_secs, self.latest = n_val, n_test, base_secs, base_secs
+        self.n_train = n_train
         self.item: dict[Any, float] = {base_key: base_secs}
         self.rounds: list[tuple[Any, float]] = []
+        self.overhead: list[float] = []  # a full round's seconds beyond its validation answers, per item
+        self._val_secs: float | None = None
 
     def evaluated(self, key: Any, secs_per_item: float) -> None:
         self.item[key] = self.latest = secs_per_item
+        self._val_secs = secs_per_item * self.n_val
 
-    def took(self, key: Any, secs: float) -> None:
+    def took(self, key: Any, secs: float, full: bool = True) -> None:
+        """A round's wall time; a full one's (``full``: evaluated on the whole validation split) time
+        beyond its validation answers (judge monitoring, the train minibatch, the proposal) is kept as
+        a share of its pace, so a slower candidate's is expected slower in proportion."""
         self.rounds.append((key, secs))
+        if full and self._val_secs:
+            self.overhead.append(max(0.0, secs - self._val_secs) / (self._val_secs / self.n_val))
+        self._val_secs = None
+
+    def midway(self, secs_per_item: float, val_left: float) -> float:
+        """What a candidate still needs if it is promoted, from its first validation items: the rest of
+        validation (``val_left`` seconds, ``val_pace``), the rest of its round (monitoring, its train
+        minibatch: the largest measured share of a round beyond validation, else the train minibatch
+        alone) and the held-out test with it as the best, the baseline at its own pace; ``secs_per_item``
+        is its pace over the whole split."""
+        rest = max(self.overhead) if self.overhead else float(self.n_train)
+        return val_left + secs_per_item * rest + (self.base_secs + secs_per_item) * self.n_test
 
     def next_round(self, incumbent: Any, keeps: bool) -> float:
         """A rewrite (``keeps``: the incumbent's settings) takes what a round with those settings took;
@@ -806,6 +840,38 @@ class Pace:
         the latest full candidate's, a longer context making it slower than the baseline)."""
         mine = self.item.get(incumbent, self.latest)
         return (self.base_secs + (mine if keeps else max(mine, self.latest))) * self.n_test
+
+
+def val_pace(judgments: Sequence[Judgment], elapsed: float, llm_items: int | None, n_val: int) -> tuple[float, float]:
+    """From a candidate's first validation items (answered and judged in ``elapsed`` seconds): the seconds
+    the rest of the split needs, and its pace per item over the whole split. Below the trust bar only the
+    first ``llm_items`` items are scored by the judge model (the monitoring sample), so the first slice is
+    slower than the rest: the rest is paced by the answers' own seconds, and the slice's time beyond its
+    answers (the judge's, the checks') is charged per judged item to the sample items still to come (per
+    item to every item, when none was judged)."""
+    k = len(judgments)
+    answers = sum(j.answer.seconds or 0.0 for j in judgments)
+    extra = max(0.0, elapsed - answers)
+    judged = k if llm_items is None else min(llm_items, k)
+    sample = n_val if llm_items is None else min(llm_items, n_val)
+    left = (n_val - k) * answers / k + (max(0, sample - judged) * extra / judged if judged else (n_val - k) * extra / k)
+    return left, (elapsed + left) / n_val
+
+
+def _out_of_time_midway(started: float, minutes: float, pace: Pace, done_items: int, secs: float,
+                        val_left: float) -> str:
+    """Why a candidate is stopped after ``done_items`` validation items (empty if it goes on): at the
+    pace it answered them (``val_pace``: ``val_left`` seconds to the end of validation, ``secs`` per item
+    over the whole split), the rest of its round and the held-out test would end past
+    ``optimizer.budget.minutes`` (Optuna's ``timeout`` asked at each pruning step: a round slower than
+    any before it, e.g. a longer context, is caught on its first slice, not after it has run)."""
+    elapsed = time.perf_counter() - started
+    need = pace.midway(secs, val_left)
+    if elapsed + need <= minutes * 60:
+        return ""
+    return (f"time budget: stopped after {done_items} of {pace.n_val} validation items: at {secs:.1f} s per item "
+            f"the rest of the round and the held-out test (~{need / 60:.1f} min) would end at "
+            f"{(elapsed + need) / 60:.1f} of {minutes:g} min")
 
 
 def _out_of_time(started: float, minutes: float, round_est: float, test_secs: float, done: int) -> str:

@@ -250,16 +250,22 @@ class Optimizer:
         self.search.abandon()
         self._cand = None
 
-    def _search_turn(self, index: int) -> bool:
-        return bool(self.retrieval or self.other) and (not self.text or index % 2 == 1)
+    def _search_turn(self, history: list[Round], index: int | None = None) -> bool:
+        """Search moves and rewrites take turns, a search move first. A lever round (a measured symptom
+        mended by rule) takes no one's turn: the round after it is the turn it came before. Round
+        ``index`` further on than the next counts the rounds between it and ``history`` as turns."""
+        index = history[-1].index + 1 if index is None else index
+        turn = (1 + sum(1 for r in history[1:] if not (r.notes and r.notes[0].startswith("lever: ")))
+                + index - history[-1].index - 1)
+        return bool(self.retrieval or self.other) and (not self.text or turn % 2 == 1)
 
-    def search_turn(self, index: int) -> bool:
+    def search_turn(self, history: list[Round], index: int) -> bool:
         """Round ``index`` is a search move's turn (stage 1's best, a draw; or a lever, if one is due)."""
-        return self._search_turn(index)
+        return self._search_turn(history, index)
 
     def stage2_turn(self, history: list[Round]) -> bool:
         """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
-        return (self._search_turn(history[-1].index + 1) and self._lever_move(history) is None
+        return (self._search_turn(history) and self._lever_move(history) is None
                 and (self._first_move_done or not self.retrieval))
 
     def keeps_settings(self, history: list[Round]) -> bool:
@@ -269,7 +275,7 @@ class Optimizer:
 
     def rewrite_turn(self, history: list[Round], index: int) -> bool:
         """Round ``index`` (from the incumbent of ``history``) rewrites the text params only."""
-        return bool(self.text) and not self._search_turn(index) and self._lever_move(history) is None
+        return bool(self.text) and not self._search_turn(history, index) and self._lever_move(history) is None
 
     def drawing(self) -> bool:
         """Stage 2's draws have begun: stage 1's best has been proposed (or there is no stage 1)."""
@@ -289,7 +295,7 @@ class Optimizer:
         params: Params = dict(incumbent.params)
         index = history[-1].index + 1 if index is None else index
         self._index = index
-        search_turn = self._search_turn(index)
+        search_turn = self._search_turn(history, index)
         if (lever := self._lever_move(history)) is not None:
             name, value, note = lever  # a measured symptom first: before stage 1's move, draws and rewrites
             self._levers_moved.add(name)

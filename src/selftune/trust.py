@@ -203,7 +203,9 @@ class Monitor:
         if labels is None or self.judge.panel is None:
             return {}
         rows = read_items(labels, self.rubric, need_labels=True)
-        judged = [self.judge.judge(to_answer(r, i)) for i, r in enumerate(rows)]
+        # in a pool of the judge's concurrency, each item's fence tokens drawn first in item order (as in retest)
+        jobs = [(a, self.judge.reserve(a)) for a in (to_answer(r, i) for i, r in enumerate(rows))]
+        judged = run_ordered(lambda job: self.judge.judge(job[0], tokens=job[1]), jobs, self.judge.concurrency)
         out: dict[str, float] = {}
         for name, a in agreement(self.rubric, rows, judged, self.seed, resamples=200).items():
             if name in {c.name for c in self.llm}:
