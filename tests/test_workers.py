@@ -21,7 +21,7 @@ from servers import chroma_server, mlflow_server, postgres, postgres_bin
 from selftune import scripted
 from selftune.search import REPEAT
 from selftune.studies import open_storage
-from selftune.workers import VAL
+from selftune.workers import BASE, JOB, PARAMS, VAL
 
 pytestmark = pytest.mark.skipif(
     postgres_bin() is None, reason="PostgreSQL binaries are absent (/usr/lib/postgresql/*/bin/initdb): install "
@@ -86,31 +86,54 @@ def test_a_tune_with_two_workers_survives_a_killed_worker(endpoint, tmp_path):
         # the study: every worker-reported candidate a COMPLETE trial, none evaluated twice, the killed one FAIL
         storage = open_storage(url)
         name = parent.data.tags["selftune.study"]
-        studies = [s.study_name for s in optuna.get_all_study_summaries(storage)
-                   if s.study_name.startswith(name) and not s.study_name.endswith("-control")]
-        trials = [t for n in studies for t in optuna.load_study(study_name=n, storage=storage).get_trials()]
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith(name)]
+        by_study = {n: optuna.load_study(study_name=n, storage=storage).get_trials() for n in names
+                    if not n.endswith("-control")}
+        jobs = by_study.pop(name + "-jobs", [])
+        trials = [t for ts in by_study.values() for t in ts]
         reported = [t for t in trials if VAL in t.user_attrs]
         assert reported and all(t.state == optuna.trial.TrialState.COMPLETE for t in reported)
         keys = [tuple(sorted(t.params.items())) for t in reported]
-        assert len(keys) == len(set(keys))  # no candidate evaluated twice
-        dead = next(t for t in trials if t.number == killed[1] and t.user_attrs.get("selftune.worker") == 1)
+        assert len(keys) == len(set(keys))  # no stage-2 candidate evaluated twice
+        evaluated_jobs = [t for t in jobs if VAL in t.user_attrs]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in evaluated_jobs)
+        job_keys = [t.user_attrs[JOB]["key"] for t in evaluated_jobs]
+        assert len(job_keys) == len(set(job_keys))  # no job evaluated twice
+        dead = next(t for t in (jobs if killed[1].endswith("-jobs") else by_study[killed[1]])
+                    if t.number == killed[2] and t.user_attrs.get("selftune.worker") == 1)
         assert dead.state == optuna.trial.TrialState.FAIL and VAL not in dead.user_attrs  # never half-counted
         assert not dead.user_attrs.get(REPEAT)
-        retried = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+        retried = [t for t in (jobs if killed[1].endswith("-jobs") else by_study[killed[1]])
+                   if t.system_attrs.get("failed_trial") == dead.number]
         assert len(retried) == 1 and retried[0].params == dead.params  # re-queued once, same candidate
+        assert retried[0].user_attrs.get(JOB) == dead.user_attrs.get(JOB)
         import json
 
-        gated = []
+        gated, by_round = [], {}
         for c in children:
-            for note in json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())["notes"]:
+            rec = json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())
+            by_round[int(c.data.tags["selftune.round"])] = (rec, c)
+        for r in sorted(by_round)[1:]:
+            rec, c = by_round[r]
+            # the incumbent round r was gated against: the last round promoted before it (0: the baseline)
+            faced = max(k for k in by_round if k < r and by_round[k][1].data.tags["selftune.promoted"] == "True")
+            for note in rec["notes"]:
                 if note.endswith("(a worker's)"):
-                    gated.append(int(note.split("stage 2 trial ")[1].split(" ")[0]))
+                    number = int(note.split("stage 2 trial ")[1].split(" ")[0])
+                    gated.append(number)
+                    [t] = [t for t in reported if t.number == number and t.user_attrs[PARAMS] == rec["params"]]
+                    assert t.user_attrs[BASE].endswith(f":{faced}")  # evaluated against the incumbent it faced
+                if note.startswith("evaluated by worker"):
+                    number = int(note.split("(job ")[1].rstrip(")"))
+                    [t] = [t for t in evaluated_jobs if t.number == number]
+                    assert t.user_attrs[JOB]["round"] == r and t.user_attrs[JOB]["base"].endswith(f":{faced}")
         assert gated and len(gated) == len(set(gated))  # workers' candidates were gated, each once
         assert set(gated) <= {t.number for t in reported}  # each a reported trial of the study
 
 
-def _kill_worker_mid_candidate(url: str, logs: Path, tune: subprocess.Popen) -> tuple[int, int]:
-    """Wait until worker 1 holds a RUNNING trial, SIGKILL it; (its pid, the trial number)."""
+def _kill_worker_mid_candidate(url: str, logs: Path, tune: subprocess.Popen) -> tuple[int, str, int]:
+    """Wait until worker 1 holds a RUNNING trial (a stage-2 draw or a job), SIGKILL it; (its pid, the
+    trial's study, its number)."""
     deadline = time.monotonic() + 600
     storage = None
     while time.monotonic() < deadline:
@@ -126,6 +149,6 @@ def _kill_worker_mid_candidate(url: str, logs: Path, tune: subprocess.Popen) -> 
                     if t.user_attrs.get("selftune.worker") == 1:
                         pid = int(pid_file.read_text())
                         os.killpg(pid, signal.SIGKILL)
-                        return pid, t.number
+                        return pid, s.study_name, t.number
         time.sleep(0.2)
     raise AssertionError("worker 1 never held a candidate")

@@ -2,7 +2,7 @@
 
 - ``selftune tune CONFIG [--resume] [--workers N]``: probes, rounds, promotion, the held-out test report; all
   logged to MLflow; ``--resume`` continues the last unfinished tune of the config (``resume.py``); with N
-  worker processes evaluating stage-2 candidates through the shared study;
+  worker processes evaluating candidates (stage-2 draws, the tune's own proposals) through the shared study;
 - ``selftune worker CONFIG``: evaluate candidates for a tune of CONFIG running elsewhere (``workers.py``);
 - ``selftune eval CONFIG --questions Q --out F``: answer your own questions and score them;
 - ``selftune judge --rubric R --items I --out F``: score any items against a rubric (no corpus);
@@ -40,8 +40,9 @@ def tune(config: Path, rounds: int = typer.Option(None, help="override optimizer
          corpus: Path = typer.Option(None, help="point the config at another folder of documents"),
          resume: bool = typer.Option(False, help="continue the last unfinished tune of this config in its MLflow "
                                                  "run (calls it made are read from the response cache)"),
-         workers: int = typer.Option(0, min=0, max=64, help="evaluate stage-2 candidates in N local worker "
-                                                            "processes through the shared study")) -> None:
+         workers: int = typer.Option(0, min=0, max=64, help="evaluate candidates (stage-2 draws, the tune's "
+                                                            "own proposals) in N local worker processes through "
+                                                            "the shared study")) -> None:
     """Run the tuning loop: probes, rounds, promotion, held-out test report; all logged to MLflow.
     One tune per workdir: a second is refused. SIGTERM stops it like Ctrl-C (parent run KILLED)."""
     from .config import load_config

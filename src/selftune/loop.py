@@ -367,8 +367,33 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
     cfg, rubric, cap, spec = session.cfg, session.rubric, session.judge.flag_cap, session.cfg.optimizer
     ledger = session.ledger
     started = time.perf_counter()
+    storage = study = None
+    if workers is not None and spec.storage is None:
+        from .studies import default_storage
+
+        spec = spec.model_copy(update={"storage": default_storage(cfg)})
+    if spec.storage is not None:  # a lasting study, shared by every process with this config (studies.py)
+        from .studies import open_storage, study_name
+
+        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None, spec.heartbeat)
+        study = study_name(cfg, session.corpus.digest)
+    pool = None
+    if workers is not None:
+        from .workers import Pool
+
+        assert storage is not None and study is not None
+        pool = Pool(storage, study, workers.n)
+        if workers.config is not None:  # started now: their start-up overlaps the probes and the baseline
+            pool.spawn(workers.config, workers.n, cfg.workdir)
     ledger.stage = "probes"
-    probes, stats = session.probes(progress)
+    try:
+        probes, stats = session.probes(progress)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
+    if study is not None:
+        stats["optimizer/study"] = study
     stats["index_collections_built_before_rounds"] = len(session.index.built)
     stats["corpus_skipped"] = len(session.corpus.skipped)
     stats["corpus_digest"] = session.corpus.digest  # tagged on the run: a resume checks the documents
@@ -384,29 +409,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         n_train = min(n_train, spec.train_items) if spec.train_items else n_train
         plan(n_train + (rounds + 1) * n_val + 2 * sum(p.split == "test" for p in probes))
     # The optimizer is built from train/val material only: it is never handed a test probe.
-    storage = study = None
-    if workers is not None and spec.storage is None:
-        from .studies import default_storage
-
-        spec = spec.model_copy(update={"storage": default_storage(cfg)})
-    if spec.storage is not None:  # a lasting study, shared by every process with this config (studies.py)
-        from .studies import open_storage, study_name
-
-        storage = open_storage(spec.storage, cfg.source.resolve().parent if cfg.source else None, spec.heartbeat)
-        study = study_name(cfg, session.corpus.digest)
-        stats["optimizer/study"] = study
     optimizer = Optimizer(cfg.sut.params, rubric, session.models.role("optimizer"), spec, cfg.seed,
                           cheap=session.retrieval_objective([p for p in probes if p.split != "test"]),
                           storage=storage, study=study)
     # GEPA's minibatches (hosted optimizer model): train probes only; LLM scores only where they count
     optimizer.evaluate_train = lambda ps, items: list(session.evaluate(
         ps, items, "train", progress, llm_items=0 if objective.kind == "checks" else None).judgments)
-    pool = None
-    if workers is not None:
-        from .workers import Pool
-
-        assert storage is not None and study is not None
-        pool = Pool(storage, study, workers.n)
     monitor = Monitor(rubric, session.judge, cfg.judge, cfg.seed)
     pairwise_mode = cfg.judge.mode == "pairwise" and bool(rubric.llm_criteria())
     stop_reason = ""
@@ -446,12 +454,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         setting = lambda ps: tuple(sorted((k, repr(v)) for k, v in ps.items() if k not in optimizer.text))  # noqa: E731
         # the time budget's estimates of the next round and of the held-out test, from measured paces
         pace = Pace(n_val, n_test, setting(base.params), base_secs, n_train=spec.train_items)
-        if pool is not None:  # what a worker needs; never a test probe
-            pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"], ahead=pool.ahead,
+        if pool is not None:  # what a worker needs (train probes for stage 1's cheap scores); never a test probe
+            pool.publish(probes=[p.model_dump(mode="json") for p in probes if p.split != "test"],
                          demos=[d.model_dump(mode="json") for d in getattr(session.sut, "demo_pool", [])])
             _publish(pool, optimizer, objective, base, cfg)
-            if workers is not None and workers.config is not None:
-                pool.spawn(workers.config, workers.n, cfg.workdir)
+            pool.publish(ready=True)
+        ahead: dict[int, Any] = {}  # round -> a job queued ahead of its turn (workers.Job), against pool.base
         mined_from: set[str] = set()
         mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
@@ -493,17 +501,14 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             reported = None
             timed_out: list[str] = []  # why the time budget stopped this candidate midway
-            if pool is not None and optimizer.stage2_turn(history):
-                ledger.stage = "workers"
-                reported = pool.next()
-                if reported is None:
-                    stop_reason = f"no worker left to report a candidate after {i - 1} candidates"
-                    log.warning("%s", stop_reason)
-                    break
-                cand, notes = reported.params, (f"search: stage 2 trial {reported.number} (a worker's)",)
-                val = reported.val
+            if pool is not None:  # workers.py: a worker's report, or a candidate the tune evaluates itself
+                reported, cand, notes = _pooled(pool, ahead, i, rounds, history, optimizer, session, probes,
+                                                progress, llm_items)
             else:
                 cand, notes = optimizer.propose(history)
+            if reported is not None:
+                val = reported.val
+            else:
                 ledger.stage = "stage 2"
                 val_started = time.perf_counter()
 
@@ -554,9 +559,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
             gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
             train = empty
-            if gate.promote and reported is not None:  # the worker answered train too
-                train = reported.train
-            elif gate.promote:  # the new incumbent's train failures feed the next rewrites
+            if gate.promote:  # the new incumbent's train failures feed the next rewrites (a worker answers none)
                 ledger.stage = "stage 2"
                 train = session.evaluate(cand, probes, "train", progress, limit=spec.train_items, llm_items=llm_items)
             stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
@@ -568,10 +571,13 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             observer.round(rnd)
             pace.took(setting(cand), _took(round_started, screened, optimizer))
             forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
-            if pool is not None:
-                _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg)
-        if pool is not None:
-            pool.close()
+            if pool is not None:  # draws ahead: no more than the search turns left to gate them
+                turns = sum(optimizer.search_turn(history, k) for k in range(i + 1, rounds + 1))
+                _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg, min(pool.ahead, turns))
+        if pool is not None:  # workers stop now (each finishes the candidate in hand) while the tune tests
+            for job in ahead.values():
+                pool.cancel(job)
+            pool.stop()
         optimizer.settle(history)
         best = next(r for r in history if r.index == history[-1].incumbent_index)
         # The held-out split is touched only here, after every choice is made, and only to report.
@@ -606,7 +612,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         stats["rounds/rewrite"] = len(moves) - stats["rounds/search"]
         stats["rounds/pruned"] = sum(r.pruned for r in moves)
         if pool is not None:  # candidates evaluated by workers (the search ledger counts this process's only)
-            stats["rounds/from_workers"] = sum(any(n.endswith("(a worker's)") for n in r.notes) for r in moves)
+            stats["rounds/from_workers"] = sum(any(n.endswith("(a worker's)") or n.startswith("evaluated by worker")
+                                                   for n in r.notes) for r in moves)
+            stats["rounds/stale_dropped"] = pool.dropped
         stats["rounds/promoted"] = sum(r.gate.promote for r in moves)
         stats.update({f"alarms/{k}": v for k, v in optimizer.alarms.items()})
         if stop_reason:
@@ -627,17 +635,80 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             log.warning("could not close the search's open trial: %s", closing)
         observer.abort(f"{type(err).__name__}: {err}")
         raise
-    observer.finish(result)
+    try:
+        observer.finish(result)
+    finally:  # told to stop before the test: they exit while the tune reports
+        if pool is not None:
+            pool.close()
     return result
 
 
-def _publish(pool: Any, optimizer: Optimizer, objective: Objective, incumbent: Round, cfg: Config) -> None:
-    """What workers evaluate next: the incumbent's params, the objective, the search study it names."""
+def _publish(pool: Any, optimizer: Optimizer, objective: Objective, incumbent: Round, cfg: Config,
+             ahead: int | None = None) -> None:
+    """What workers evaluate next: the incumbent's params (``base``: which round it is), the objective, the
+    search study it names, whether stage-2 draws have begun (before stage 1's best is gated, a draw
+    against the baseline would likely be stale)."""
     optimizer.search._open()
     pool.publish(incumbent=dict(incumbent.params), search_study=optimizer.search.study_name,
+                 base=f"{pool.epoch}:{incumbent.index}", draws=optimizer.drawing(),
+                 ahead=pool.ahead if ahead is None else ahead,
                  objective={"kind": "checks" if objective.kind == "checks" else "rubric",
                             "criteria": sorted(objective.criteria)},
                  llm_items=cfg.judge.monitor_sample if objective.kind == "checks" else None)
+
+
+def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list[Round], optimizer: Optimizer,
+            session: Session, probes: list[Probe], progress: Progress,
+            llm_items: int | None) -> tuple[Any, Params, tuple[str, ...]]:
+    """Round ``i`` with workers: (a report to gate, its params, notes), or (None, params, notes) of a
+    stage-2 draw the tune evaluates itself (none is coming from a worker).
+
+    - A stage-2 turn takes the lowest-numbered draw a worker reported against the current incumbent
+      (``Pool.next``).
+    - Any other candidate (stage 1's best, a lever, a rewrite) is proposed by the tune and queued as a
+      job; a worker evaluates it, or the tune does when none has taken it by the time it waits.
+    - While round ``i``, a draw, is evaluated elsewhere, the next round, when it is a rewrite, is proposed
+      now against the same incumbent and queued too: if round ``i`` is promoted, that job is stale and is
+      cancelled at its turn (``ahead``), never gated against the new incumbent; its round is proposed
+      again."""
+    job = ahead.pop(i, None)
+    if job is not None and job.base != pool.base:  # proposed against an incumbent since replaced
+        pool.cancel(job)
+        session.ledger.stage = "optimizer"
+        job = None
+    draw = job is None and optimizer.stage2_turn(history)
+    if job is None and not draw:
+        cand, notes = optimizer.propose(history)
+        if optimizer.holds_draw() or not pool.takes_jobs:  # a draw of the tune's own (stage 1's best was
+            return None, cand, notes                      # the incumbent's), or no heartbeat: evaluated here
+        job = pool.submit(i, cand, notes, llm_items)
+    # ahead only past a draw: stage 1's best and a lever are moves made because they should win, and a
+    # promotion makes the rewrite proposed ahead stale (its proposal's time lost)
+    if draw and pool.takes_jobs and i < rounds and i + 1 not in ahead and optimizer.rewrite_turn(history, i + 1):
+        session.ledger.stage = "optimizer"
+        nxt, nxt_notes = optimizer.propose(history, index=i + 1)
+        ahead[i + 1] = pool.submit(i + 1, nxt, nxt_notes, llm_items)
+    session.ledger.stage = "workers"
+    waited = time.perf_counter()
+    if draw:
+        reported = pool.next()
+        # the draws still wanted: no more than the search turns after this one (said at once, so that no
+        # worker starts a draw no round will gate)
+        pool.publish(ahead=min(pool.ahead, sum(optimizer.search_turn(history, k) for k in range(i + 1, rounds + 1))))
+        if reported is None:  # none coming against this incumbent: the tune draws one itself
+            log.info("round %d: no draw coming from a worker (%.1f s): the tune draws one", i,
+                     time.perf_counter() - waited)
+            cand, notes = optimizer.propose(history)
+            return None, cand, notes
+        log.info("round %d: stage 2 trial %d from worker %s (waited %.1f s)", i, reported.number, reported.worker,
+                 time.perf_counter() - waited)
+        return reported, reported.params, (f"search: stage 2 trial {reported.number} (a worker's)",)
+    assert job is not None
+    reported = pool.result(job, lambda ps, llm: session.evaluate(ps, probes, "val", progress, llm_items=llm))
+    log.info("round %d: job %d evaluated by %s (%.1f s)", i, reported.number,
+             f"worker {reported.worker}" if reported.worker else "the tune", time.perf_counter() - waited)
+    who = (f"evaluated by worker {reported.worker} (job {reported.number})",) if reported.worker else ()
+    return reported, job.params, job.notes + who
 
 
 def _spend_stats(ledger: CallLedger) -> dict[str, Any]:

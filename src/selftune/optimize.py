@@ -168,6 +168,7 @@ class Optimizer:
         self._first_move_done = False
         self._levers_moved: set[str] = set()  # each generation lever is moved by rule at most once
         self._history: list[Round] = []
+        self._index = 0  # the round being proposed
         # Rewrites mutate a parent drawn from the pool of every text evaluated (pool.py). With a hosted
         # optimizer model and this train-only evaluation callback (set by the loop), GEPA does the mutating.
         self.pools: dict[str, InstructionPool] = {}
@@ -249,11 +250,18 @@ class Optimizer:
         self.search.abandon()
         self._cand = None
 
-    def _search_turn(self, history: list[Round]) -> bool:
+    def _search_turn(self, history: list[Round], index: int | None = None) -> bool:
         """Search moves and rewrites take turns, a search move first. A lever round (a measured symptom
-        mended by rule) takes no one's turn: the round after it is the turn it came before."""
-        turn = 1 + sum(1 for r in history[1:] if not (r.notes and r.notes[0].startswith("lever: ")))
+        mended by rule) takes no one's turn: the round after it is the turn it came before. Round
+        ``index`` further on than the next counts the rounds between it and ``history`` as turns."""
+        index = history[-1].index + 1 if index is None else index
+        turn = (1 + sum(1 for r in history[1:] if not (r.notes and r.notes[0].startswith("lever: ")))
+                + index - history[-1].index - 1)
         return bool(self.retrieval or self.other) and (not self.text or turn % 2 == 1)
+
+    def search_turn(self, history: list[Round], index: int) -> bool:
+        """Round ``index`` is a search move's turn (stage 1's best, a draw; or a lever, if one is due)."""
+        return self._search_turn(history, index)
 
     def stage2_turn(self, history: list[Round]) -> bool:
         """The next round is a stage-2 search candidate (workers may evaluate it; ``workers.py``)."""
@@ -263,16 +271,31 @@ class Optimizer:
     def keeps_settings(self, history: list[Round]) -> bool:
         """The next round rewrites the text params only (no search move, no lever due): its candidate
         answers with the incumbent's retrieval and generation settings, so at the incumbent's pace."""
-        return bool(self.text) and not self._search_turn(history) and self._lever_move(history) is None
+        return self.rewrite_turn(history, history[-1].index + 1)
 
-    def propose(self, history: list[Round]) -> tuple[Params, tuple[str, ...]]:
-        """Next candidate from the incumbent (the last round's ``incumbent_index``)."""
+    def rewrite_turn(self, history: list[Round], index: int) -> bool:
+        """Round ``index`` (from the incumbent of ``history``) rewrites the text params only."""
+        return bool(self.text) and not self._search_turn(history, index) and self._lever_move(history) is None
+
+    def drawing(self) -> bool:
+        """Stage 2's draws have begun: stage 1's best has been proposed (or there is no stage 1)."""
+        return self._first_move_done or not self.retrieval
+
+    def holds_draw(self) -> bool:
+        """A stage-2 candidate of this process's search is out (asked, not yet told)."""
+        return self._cand is not None
+
+    def propose(self, history: list[Round], index: int | None = None) -> tuple[Params, tuple[str, ...]]:
+        """Next candidate from the incumbent (the last round's ``incumbent_index``): for the round after
+        the last, or for round ``index`` further on (proposed ahead against the same incumbent, the
+        rounds between not yet seen)."""
         self._history = history
         self._tell(history)
         incumbent = next(r for r in history if r.index == history[-1].incumbent_index)
         params: Params = dict(incumbent.params)
-        index = history[-1].index + 1
-        search_turn = self._search_turn(history)
+        index = history[-1].index + 1 if index is None else index
+        self._index = index
+        search_turn = self._search_turn(history, index)
         if (lever := self._lever_move(history)) is not None:
             name, value, note = lever  # a measured symptom first: before stage 1's move, draws and rewrites
             self._levers_moved.add(name)
@@ -397,7 +420,7 @@ class Optimizer:
             if self.evaluate_train is not None and not self.role.local:
                 run = gepa_mutate(pool, parent, dict(incumbent.params), self._train_probes(), self.evaluate_train,
                                   self.objective, self.role, self.spec.gepa_calls, spec.max_chars,
-                                  self.seed + len(self._history))
+                                  self.seed + self._index)  # len(history) when proposed in turn
                 texts, shown, made = run.proposals, shown + run.shown, run.note
                 for k, v in {"gepa_runs": 1, **run.stats}.items():
                     self.pool_stats[k] = self.pool_stats.get(k, 0) + v
