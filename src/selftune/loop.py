@@ -515,9 +515,10 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                 def stop(js: list[Judgment]) -> bool:  # pruned as losing, or past the time budget
                     if optimizer.checkpoint(js, incumbent.val, cfg.gate):
                         return True
+                    if spec.budget.minutes is None:
+                        return False
                     left, secs = val_pace(js, time.perf_counter() - val_started, llm_items, n_val)
-                    if spec.budget.minutes is not None and (
-                            why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left)):
+                    if why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left):
                         timed_out.append(why)
                         return True
                     return False
