@@ -71,6 +71,18 @@ def test_stage2_finds_the_optimum_of_a_known_function_in_few_evaluations():
     assert s.ledger.cost(0.1) == pytest.approx(33 + 1.8)
 
 
+def test_the_gp_sampler_drives_stage2():
+    # Wiring only: on this toy space (temp is categorical, so one-hot to the GP) it is no faster than
+    # blind enumeration; its efficiency is measured on the real grid (gridbench, and the test below).
+    s = MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=0, carry=0.1, sampler="gp", deterministic=True)
+    seen = drive(s, 12)
+    assert isinstance(s._open().sampler, optuna.samplers.GPSampler)
+    assert s._open().sampler._deterministic
+    assert len({tuple(sorted(p.items())) for p in seen}) == 12  # never the same candidate twice
+    assert s.ledger == Ledger(cheap=18, full=12, repeats=s.ledger.repeats)
+    assert not MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=0, sampler="gp")._open().sampler._deterministic
+
+
 def test_stage2_keeps_to_the_carried_settings_until_they_are_worked_through():
     s = MultiFidelitySearch(RETRIEVAL, OTHER, cheap, seed=3, carry=0.1)
     seen = drive(s, 33)  # (3 | 2 | 4, 500) x 11 temperatures: the whole carried space
@@ -158,6 +170,8 @@ def test_bad_arguments_are_refused():
         MultiFidelitySearch({"k": [1]}, {"k": [2]}, lambda p: 0.0, seed=0)
     with pytest.raises(ValueError, match="carry"):
         MultiFidelitySearch({"k": [1]}, {"t": [2]}, lambda p: 0.0, seed=0, carry=0)
+    with pytest.raises(ValueError, match="sampler must be 'tpe' or 'gp'"):
+        MultiFidelitySearch({"k": [1]}, {"t": [2]}, lambda p: 0.0, seed=0, sampler="cmaes")
     s = MultiFidelitySearch({"k": [1]}, {"t": [2, 3]}, lambda p: 0.0, seed=0)
     with pytest.raises(ValueError, match="step"):
         s.report(s.ask(), 0, 0.5)  # step 0 holds the cheap scores
