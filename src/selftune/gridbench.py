@@ -21,7 +21,8 @@ strategy), reported with that configuration's score on the matching Test split. 
   except ``sampler="gp"`` with ``deterministic=True`` (stage 2 is Optuna's GPSampler, told that a
   look-up has no noise; the tune's default is still TPE, see ``MultiFidelitySearch``) and
   ``screen_budget=10``: 10 of the 54 retrieval settings screened at random up front, any other
-  scored when stage 2 draws it; the best 40% by cheap score carried into TPE with the generator.
+  scored when stage 2 draws it; the best 40% by cheap score carried into stage 2 with the generator
+  (about 10 minutes for 30 seeds on 2 cores: the GP is refitted at each draw).
   (In the tune the cheap look-up costs no LM call and all 24 settings are screened.) The two
   choices were made on the Dev splits only (``screen_budget`` 10 / 16 / 54, ``carry`` 0.3 / 0.4 / 0.5;
   the Test splits were never looked at for them; the GP sampler was chosen on Dev seeds 100-129, away
