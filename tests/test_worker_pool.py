@@ -145,8 +145,10 @@ class Ledger:
 class Session:
     ledger = Ledger()
 
-    def evaluate(self, params, probes, split, progress, llm_items=None):
-        return ev(**params)
+
+def own(params, llm_items):
+    """The tune's own evaluation of a candidate (``loop.run_tune``'s ``own``)."""
+    return ev(**params)
 
 
 def rnd(i, inc):
@@ -161,13 +163,13 @@ def test_a_job_queued_ahead_is_dropped_when_its_incumbent_changed(pool):
     ahead = {2: pool.submit(2, {"x": "round 2 from incumbent 0"}, ("rewrite",), None)}
     pool.publish(base=f"{pool.epoch}:1")  # round 1 was promoted
     history = [rnd(0, 0), rnd(1, 1)]
-    got, params, _ = _pooled(pool, ahead, 2, 3, history, opt, Session(), [], None, None)
+    got, params, _ = _pooled(pool, ahead, 2, 3, history, opt, Session(), own, None)
     assert params == {"x": "round 2 from incumbent 1"} and got.val.params == params and opt.proposed == [(2, 1)]
     assert pool.cancelled == 1 and not ahead
 
     ahead = {3: pool.submit(3, {"x": "round 3 from incumbent 1"}, ("rewrite",), None)}  # round 2 not promoted
     history.append(rnd(2, 1))
-    got, params, _ = _pooled(pool, ahead, 3, 3, history, opt, Session(), [], None, None)
+    got, params, _ = _pooled(pool, ahead, 3, 3, history, opt, Session(), own, None)
     assert params == {"x": "round 3 from incumbent 1"} and opt.proposed == [(2, 1)] and pool.cancelled == 1
 
 
@@ -176,7 +178,7 @@ def test_without_a_heartbeat_the_tune_evaluates_its_own_candidates(tmp_path):
     is queued; the tune evaluates what it proposes (workers draw stage-2 candidates only)."""
     pool = Pool(open_storage(str(tmp_path / "study.journal")), "t", ahead=2)
     assert not pool.takes_jobs
-    got, params, notes = _pooled(pool, {}, 1, 3, [rnd(0, 0)], Opt(), Session(), [], None, None)
+    got, params, notes = _pooled(pool, {}, 1, 3, [rnd(0, 0)], Opt(), Session(), own, None)
     assert got is None and params == {"x": "round 1 from incumbent 0"} and pool.jobs.get_trials() == []
 
 
@@ -197,13 +199,73 @@ def test_the_rewrite_after_a_draw_is_queued_ahead_and_never_gated_after_a_promot
     number = draw(search, 2, f"{pool.epoch}:1")
     opt, ahead = Drawing(), {}
     history = [rnd(0, 0), rnd(1, 1), rnd(2, 1)]
-    got, params, notes = _pooled(pool, ahead, 3, 4, history, opt, Session(), [], None, None)
+    got, params, notes = _pooled(pool, ahead, 3, 4, history, opt, Session(), own, None)
     assert got.number == number and notes == (f"search: stage 2 trial {number} (a worker's)",)
     assert opt.proposed == [(4, 1)] and ahead[4].base == f"{pool.epoch}:1"  # queued ahead, against round 1
     assert pool.control.user_attrs["ahead"] == 0  # no search turn after round 3: no worker draws again
     pool.publish(base=f"{pool.epoch}:3")  # round 3 promoted
     history.append(rnd(3, 3))
-    got, params, _ = _pooled(pool, ahead, 4, 4, history, opt, Session(), [], None, None)
+    got, params, _ = _pooled(pool, ahead, 4, 4, history, opt, Session(), own, None)
     assert params == {"x": "round 4 from incumbent 3"} and opt.proposed == [(4, 1), (4, 3)]
     [stale] = [t for t in pool.jobs.get_trials() if t.user_attrs[JOB]["base"] == f"{pool.epoch}:1"]
     assert stale.state == optuna.trial.TrialState.FAIL and VAL not in stale.user_attrs and pool.cancelled == 1
+
+
+def test_what_workers_spend_counts_in_the_tunes_ledger_and_caps(pool):
+    """Each worker reports its running total in the control study after every candidate; the tune sums this
+    tune's reports (not an earlier tune's of the same study), and its ledger counts them in its spend, its
+    calls and its caps."""
+    from selftune.lm import CallLedger
+    from selftune.spend import Caps, Spend
+    from selftune.workers import _Spent
+
+    class Worker:  # a worker's own ledger: what it spent on the candidates it evaluated
+        def __init__(self):
+            self.spend = {}
+
+    old = Pool(pool.storage, "t", ahead=2)  # an earlier tune of this study: its workers' spend is not ours
+    w_old = Worker()
+    s_old = _Spent(old.control, w_old, old.epoch, 1)
+    w_old.spend = {"sut": Spend(50, 0, 0.0)}
+    s_old.report()
+
+    pool = Pool(pool.storage, "t", ahead=2)
+    workers = [Worker(), Worker()]
+    workers[0].spend = {"sut": Spend(3, 30, 0.0)}  # spent before joining this tune: not this tune's
+    spent = [_Spent(pool.control, w, pool.epoch, k + 1) for k, w in enumerate(workers)]
+    assert pool.spend() == {}
+    workers[0].spend = {"sut": Spend(13, 130, 0.01), "judge": Spend(2, 20, 0.0)}
+    spent[0].report()
+    workers[1].spend = {"sut": Spend(7, 70, 0.02)}
+    spent[1].report()
+    workers[1].spend = {"sut": Spend(9, 90, 0.03)}  # a running total: the later report replaces the earlier
+    spent[1].report()
+    got = pool.spend()
+    assert got["sut"].calls == 10 + 9 and got["sut"].tokens == 100 + 90
+    assert got["sut"].usd == pytest.approx(0.04) and got["judge"].calls == 2
+
+    ledger = CallLedger()
+    ledger.own = {"sut": Spend(5, 0, 0.0)}
+    ledger.limit(Caps(tune={"calls": 25}))
+    assert ledger.exhausted is None
+    ledger.others(got)
+    assert ledger.spend["sut"].calls == 24 and ledger.totals().calls == 26
+    assert ledger.by_stage["worker processes"] == 21
+    assert ledger.exhausted and "26 calls >= 25 calls" in ledger.exhausted
+
+
+def test_candidates_in_workers_hands_are_counted_as_in_flight(pool):
+    """The forecast counts what the workers hold: their spend is still to come."""
+    study = optuna.create_study(storage=pool.storage, study_name="t-search")
+    pool.publish(search_study="t-search")
+    assert pool.in_flight() == 0
+    t = study.ask({"x": X})
+    study._storage.set_trial_user_attr(t._trial_id, BASE, pool.base)
+    t2 = study.ask({"x": X})
+    study._storage.set_trial_user_attr(t2._trial_id, BASE, "an-earlier-tune:3")
+    job = pool.submit(1, {"x": 1}, (), None)
+    popped = _pop_job(pool.jobs, pool.base)
+    assert popped is not None and popped.user_attrs[JOB]["key"] == job.key
+    assert pool.in_flight() == 1  # popped, but no worker has named itself yet (nor the tune)
+    pool.storage.set_trial_user_attr(popped._trial_id, BY, 2)
+    assert pool.in_flight() == 2

@@ -30,9 +30,21 @@ ROUNDS = 8
 
 
 @pytest.fixture(scope="module")
-def endpoint():
+def server():
     with scripted.ScriptedServer(latency=0.1, reply=scripted.role_reply) as server:
-        yield server.base
+        yield server
+
+
+@pytest.fixture
+def endpoint(server):
+    return server.base
+
+
+@pytest.fixture
+def served(server):
+    """The calls the endpoint served since the test began."""
+    before = server.requests
+    return lambda: server.requests - before
 
 
 def write_config(tmp: Path, base: str, storage: str, tracking: str, chroma: str) -> Path:
@@ -57,7 +69,7 @@ def write_config(tmp: Path, base: str, storage: str, tracking: str, chroma: str)
     return path
 
 
-def test_a_tune_with_two_workers_survives_a_killed_worker(endpoint, tmp_path):
+def test_a_tune_with_two_workers_survives_a_killed_worker(endpoint, served, tmp_path):
     with postgres() as pg, mlflow_server(pg["url"]["mlflow"], tmp_path / "artifacts", tmp_path / "mlflow.log") as ml, \
             chroma_server(tmp_path / "chroma", tmp_path / "chroma.log") as chroma:
         url = pg["url"]["optuna"]
@@ -128,6 +140,11 @@ def test_a_tune_with_two_workers_survives_a_killed_worker(endpoint, tmp_path):
                     [t] = [t for t in evaluated_jobs if t.number == number]
                     assert t.user_attrs[JOB]["round"] == r and t.user_attrs[JOB]["base"].endswith(f":{faced}")
         assert gated and len(gated) == len(set(gated))  # workers' candidates were gated, each once
+        # what the workers spent is the tune's: counted in its calls (all but the killed worker's half candidate)
+        metrics = parent.data.metrics
+        assert metrics["calls/worker_processes"] >= 1
+        assert metrics["calls/total"] == sum(v for k, v in metrics.items() if k.startswith("calls/role/"))
+        assert metrics["calls/total"] <= served()
         assert set(gated) <= {t.number for t in reported}  # each a reported trial of the study
 
 

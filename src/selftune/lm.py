@@ -402,6 +402,7 @@ class CallLedger(BaseCallback):
         self.own: dict[str, Spend] = {}  # this process's spend
         self.prior: dict[str, Spend] = {}  # tokens and dollars the earlier processes of a resumed tune billed
         self.recorded: dict[str, dict[str, Spend]] = {}  # their marks
+        self.elsewhere: dict[str, Spend] = {}  # what this tune's worker processes reported spending (``others``)
         self._path: Path | None = None
         self.failed: dict[str, int] = {}  # calls that failed after their retries, by role
         self.errors: dict[str, str] = {}  # the last such failure, by role
@@ -470,7 +471,24 @@ class CallLedger(BaseCallback):
         for r, s in self.prior.items():
             mine = out.setdefault(r, Spend())
             mine.tokens, mine.usd = mine.tokens + s.tokens, mine.usd + s.usd
+        for r, s in list(self.elsewhere.items()):
+            mine = out.setdefault(r, Spend())
+            mine.calls, mine.tokens, mine.usd = mine.calls + s.calls, mine.tokens + s.tokens, mine.usd + s.usd
         return out
+
+    def others(self, by_role: dict[str, Any]) -> None:
+        """What this tune's worker processes spent so far, by role (``workers.Pool.spend``: each reports its
+        running total, so this replaces the last figure): counted in ``spend``, the caps and the marks, and
+        as the calls of stage ``worker processes``."""
+        from .spend import Spend
+
+        with self._lock:
+            self.elsewhere = {r: Spend(s.calls, s.tokens, s.usd) for r, s in by_role.items()}
+            calls = sum(s.calls for s in self.elsewhere.values())
+            if calls:
+                self.by_stage["worker processes"] = calls
+            self._check()
+            self._save()
 
     def recount(self, role: str, calls: int) -> None:
         """Count ``calls`` of ``role`` read back without a call (probes reused from the workdir)."""

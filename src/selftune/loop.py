@@ -463,13 +463,19 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         mined_from: set[str] = set()
         mined_docs: dict[str, int] = {}
         for i in range(1, rounds + 1):
+            coming = 0  # candidates workers are evaluating now: their spend is still to come
+            if pool is not None:  # what the workers spent counts in the tune's caps and report
+                ledger.others(pool.spend())
+                coming = pool.in_flight()
             spent = ledger.mark(f"round/{i}/start")  # (a replayed round's as it was the first time)
             if why := ledger.caps.reached(total(spent), spent):  # a cap reached during the last candidate
                 stop_reason = f"{why} after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
-            # no candidate starts that would leave too little of a cap for the held-out test
-            if why := ledger.caps.forecast(spent, forecast.candidate(n_val), forecast.test(n_test)):
+            # no candidate starts that would leave too little of a cap for the held-out test (nor would with
+            # the ones the workers hold)
+            if why := ledger.caps.forecast(spent, combine({}, forecast.candidate(n_val), 1 + coming),
+                                           forecast.test(n_test)):
                 stop_reason = f"{why}, so it stopped after {i - 1} candidates"
                 log.warning("%s", stop_reason)
                 break
@@ -501,31 +507,37 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             reported = None
             timed_out: list[str] = []  # why the time budget stopped this candidate midway
+
+            def own(ps: Params, llm: int | None) -> Evaluation:
+                """Validation answered here, on growing slices: pruned as losing, or stopped past the time
+                budget."""
+                val_started = time.perf_counter()
+
+                def stop(js: list[Judgment]) -> bool:
+                    if optimizer.checkpoint(js, incumbent.val, cfg.gate):
+                        return True
+                    if spec.budget.minutes is None:
+                        return False
+                    left, secs = val_pace(js, time.perf_counter() - val_started, llm, n_val)
+                    if why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left):
+                        timed_out.append(why)
+                        return True
+                    return False
+
+                ev = session.evaluate(ps, probes, "val", progress, llm_items=llm, steps=spec.slices, stop=stop)
+                if len(ev.judgments) == n_val:
+                    pace.evaluated(setting(ps), (time.perf_counter() - val_started) / max(n_val, 1))
+                return ev
+
             if pool is not None:  # workers.py: a worker's report, or a candidate the tune evaluates itself
-                reported, cand, notes = _pooled(pool, ahead, i, rounds, history, optimizer, session, probes,
-                                                progress, llm_items)
+                reported, cand, notes = _pooled(pool, ahead, i, rounds, history, optimizer, session, own, llm_items)
             else:
                 cand, notes = optimizer.propose(history)
             if reported is not None:
                 val = reported.val
             else:
                 ledger.stage = "stage 2"
-                val_started = time.perf_counter()
-
-                def stop(js: list[Judgment]) -> bool:  # pruned as losing, or past the time budget
-                    if optimizer.checkpoint(js, incumbent.val, cfg.gate):
-                        return True
-                    if spec.budget.minutes is None:
-                        return False
-                    left, secs = val_pace(js, time.perf_counter() - val_started, llm_items, n_val)
-                    if why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left):
-                        timed_out.append(why)
-                        return True
-                    return False
-
-                val = session.evaluate(cand, probes, "val", progress, llm_items=llm_items, steps=spec.slices, stop=stop)
-                if len(val.judgments) == n_val:
-                    pace.evaluated(setting(cand), (time.perf_counter() - val_started) / max(n_val, 1))
+                val = own(cand, llm_items)
             empty = Evaluation(params=cand, split="train", judgments=())
             if len(val.judgments) < n_val:  # pruned (or stopped by the time budget): recorded, never promoted
                 monitor.observe([val])
@@ -587,6 +599,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
         test_base = session.evaluate(base.params, probes, "test", progress, llm_items=llm_items)
         test_best = test_base if best.index == 0 else session.evaluate(best.params, probes, "test", progress,
                                                                         llm_items=llm_items)
+        if pool is not None:  # the local workers have finished the candidates in hand: all they spent counts
+            pool.close()
+            ledger.others(pool.spend())
         if cfg.probes.mine:
             stats.setdefault("mined/probes", 0)
             stats["mined/from"] = ", ".join(f"{d} {n}" for d, n in sorted(mined_docs.items(), key=lambda t: -t[1]))
@@ -659,7 +674,7 @@ def _publish(pool: Any, optimizer: Optimizer, objective: Objective, incumbent: R
 
 
 def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list[Round], optimizer: Optimizer,
-            session: Session, probes: list[Probe], progress: Progress,
+            session: Session, own: Callable[[Params, int | None], Evaluation],
             llm_items: int | None) -> tuple[Any, Params, tuple[str, ...]]:
     """Round ``i`` with workers: (a report to gate, its params, notes), or (None, params, notes) of a
     stage-2 draw the tune evaluates itself (none is coming from a worker).
@@ -671,7 +686,10 @@ def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list
     - While round ``i``, a draw, is evaluated elsewhere, the next round, when it is a rewrite, is proposed
       now against the same incumbent and queued too: if round ``i`` is promoted, that job is stale and is
       cancelled at its turn (``ahead``), never gated against the new incumbent; its round is proposed
-      again."""
+      again.
+
+    ``own`` evaluates a job the tune takes itself as it evaluates its own candidates: on growing slices,
+    pruned when clearly losing or stopped by the time budget (a worker answers the whole split)."""
     job = ahead.pop(i, None)
     if job is not None and job.base != pool.base:  # proposed against an incumbent since replaced
         pool.cancel(job)
@@ -705,7 +723,7 @@ def _pooled(pool: Any, ahead: dict[int, Any], i: int, rounds: int, history: list
                  time.perf_counter() - waited)
         return reported, reported.params, (f"search: stage 2 trial {reported.number} (a worker's)",)
     assert job is not None
-    reported = pool.result(job, lambda ps, llm: session.evaluate(ps, probes, "val", progress, llm_items=llm))
+    reported = pool.result(job, own)
     log.info("round %d: job %d evaluated by %s (%.1f s)", i, reported.number,
              f"worker {reported.worker}" if reported.worker else "the tune", time.perf_counter() - waited)
     who = (f"evaluated by worker {reported.worker} (job {reported.number})",) if reported.worker else ()

@@ -27,7 +27,15 @@ our own:
   ``stale``, a cancelled job FAIL with ``selftune.repeat``), never gated; its round is proposed again.
   The held-out test is touched once, at the end, by the tune. Workers answer validation only (the
   tune answers the train minibatch of a promoted candidate, as it does for its own) and no slice
-  pruning (the gate compares the whole split).
+  pruning (the gate compares the whole split); a job the tune takes itself is evaluated as its own
+  candidates are, on growing slices, pruned when clearly losing or stopped by the time budget.
+- **Spend.** Each worker reports what it spent in this tune, by role (calls, tokens, dollars), in the
+  control study after every candidate (``spend.<epoch>.<worker>.<token>``, a running total); the tune
+  counts it in its ledger before every round and once more after the local workers have exited, so
+  ``optimizer.budget`` and ``models.<role>.budget`` cap the whole tune, workers included, and the report's
+  calls are all of them (stage ``worker processes``). A cap can be passed by the candidates the workers
+  hold when it is reached (the forecast counts them: no round starts that would pass a cap with them);
+  a killed worker's half candidate is never counted (its calls were made, but nobody reports them).
 - **A killed worker** stops its heartbeat (Optuna's, RDB storages only): the next look fails its trial
   and re-queues the candidate once (``RetryHeartbeatStaleTrialCallback``, the job's attrs copied), for a
   worker or the tune; its half evaluation is never stored, so never counted.
@@ -62,6 +70,7 @@ log = logging.getLogger(__name__)
 CONTROL, JOBS = "-control", "-jobs"
 PARAMS, VAL, BASE = "selftune.params", "selftune.val", "selftune.base"
 JOB, BY, SECS = "selftune.job", "selftune.worker", "selftune.seconds"
+SPEND = "spend."  # control attr prefix: a worker's spend in a tune (``_Spent``)
 POLL = 0.2  # seconds between a worker's looks at the study when it has nothing to do
 WAIT = 0.1  # seconds between the tune's looks while it waits for an evaluation
 NICE = 10  # how much lower a local worker's CPU priority is than the tune's
@@ -289,6 +298,32 @@ class Pool:
                 self.storage.set_trial_user_attr(t._trial_id, REPEAT, "cancelled: its incumbent changed")
                 self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
 
+    def spend(self) -> dict[str, Any]:
+        """What this tune's workers reported spending, by role (``spend.Spend``), summed over workers: each
+        reports its running total after every candidate it finished or failed; a candidate in hand is
+        counted once it is done, and a killed worker's half candidate never."""
+        from .spend import Spend, combine
+
+        out: dict[str, Any] = {}
+        for k, v in _attrs(self.control).items():
+            if k.startswith(f"{SPEND}{self.epoch}.") and isinstance(v, dict):
+                out = combine(out, {r: Spend(int(s["calls"]), int(s["tokens"]), float(s["usd"])) for r, s in v.items()})
+        return {r: Spend(int(s.calls), int(s.tokens), s.usd) for r, s in out.items()}
+
+    def in_flight(self) -> int:
+        """Candidates a worker of this tune is evaluating now (stage-2 draws and jobs): their spend is
+        still to come."""
+        states = (optuna.trial.TrialState.RUNNING,)
+        jobs = sum(1 for t in self.jobs.get_trials(deepcopy=False, states=states)
+                   if str(t.user_attrs.get(JOB, {}).get("base", "")).startswith(f"{self.epoch}:")
+                   and t.user_attrs.get(BY))
+        draws = 0
+        if self.search_study is not None:
+            study = optuna.load_study(study_name=self.search_study, storage=self.storage)
+            draws = sum(1 for t in study.get_trials(deepcopy=False, states=states)
+                        if str(t.user_attrs.get(BASE, "")).startswith(f"{self.epoch}:"))
+        return jobs + draws
+
     def stop(self) -> None:
         """Tell workers the tune is over (they finish the candidate in hand and exit)."""
         self.control.set_user_attr("done", True)
@@ -357,6 +392,8 @@ def run_worker(cfg: Any, worker_id: int = 0, models: Any = None, max_candidates:
             time.sleep(POLL)
             attrs = _attrs(control)
         probes = [Probe.model_validate(p) for p in attrs.get("probes", [])]
+        # this process's spend from now on is the tune's: reported after every candidate (``Pool.spend``)
+        spent = _Spent(control, session.ledger, attrs.get("epoch"), worker_id)
         opt = Optimizer(cfg.sut.params, session.rubric, session.models.role("optimizer"), spec, cfg.seed + worker_id,
                         cheap=session.retrieval_objective(probes), storage=storage, study=name)
         demos: Any = None
@@ -383,6 +420,7 @@ def run_worker(cfg: Any, worker_id: int = 0, models: Any = None, max_candidates:
                         storage.set_trial_state_values(job._trial_id, optuna.trial.TrialState.COMPLETE, [0.0])
                         done += 1
                         log.info("worker %d: evaluated job %d (round %s)", worker_id, job.number, spec_["round"])
+                spent.report()
                 attrs = _attrs(control)
                 continue
             if exhausted or not attrs.get("draws") or _ahead(storage, attrs) >= int(attrs.get("ahead", 1)):
@@ -416,10 +454,30 @@ def run_worker(cfg: Any, worker_id: int = 0, models: Any = None, max_candidates:
                 opt.search.tell(cand, opt.value(val))
                 done += 1
                 log.info("worker %d: reported trial %d", worker_id, cand.number)
+            spent.report()
             attrs = _attrs(control)
         return done
     finally:
         session.close()
+
+
+class _Spent:
+    """A worker's spend since it joined the tune of epoch ``epoch``, by role, reported in the control study
+    (user attr ``spend.<epoch>.<worker>.<process token>``, a running total) after every candidate, failed or
+    not: the tune counts it in its ledger, its caps and its report (``Pool.spend``)."""
+
+    def __init__(self, control: optuna.Study, ledger: Any, epoch: str | None, worker_id: int):
+        self.control, self.ledger = control, ledger
+        self.key = f"{SPEND}{epoch}.{worker_id}.{uuid.uuid4().hex[:8]}"
+        self.start = ledger.spend
+
+    def report(self) -> None:
+        from dataclasses import asdict
+
+        from .spend import combine
+
+        now = combine(self.ledger.spend, self.start, -1)
+        self.control.set_user_attr(self.key, {r: asdict(s) for r, s in sorted(now.items()) if s.calls})
 
 
 def _attrs(control: optuna.Study) -> dict[str, Any]:
