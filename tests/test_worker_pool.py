@@ -231,10 +231,12 @@ def test_what_workers_spend_counts_in_the_tunes_ledger_and_caps(pool):
 
     pool = Pool(pool.storage, "t", ahead=2)
     workers = [Worker(), Worker()]
-    workers[0].spend = {"sut": Spend(3, 30, 0.0)}  # spent before joining this tune: not this tune's
     spent = [_Spent(pool.control, w, pool.epoch, k + 1) for k, w in enumerate(workers)]
     assert pool.spend() == {}
-    workers[0].spend = {"sut": Spend(13, 130, 0.01), "judge": Spend(2, 20, 0.0)}
+    workers[0].spend = {"sut": Spend(3, 30, 0.0)}  # its set-up's calls, reported when it joins
+    spent[0].report()
+    assert pool.spend()["sut"].calls == 3
+    workers[0].spend = {"sut": Spend(10, 100, 0.01), "judge": Spend(2, 20, 0.0)}
     spent[0].report()
     workers[1].spend = {"sut": Spend(7, 70, 0.02)}
     spent[1].report()
@@ -269,3 +271,40 @@ def test_candidates_in_workers_hands_are_counted_as_in_flight(pool):
     assert pool.in_flight() == 1  # popped, but no worker has named itself yet (nor the tune)
     pool.storage.set_trial_user_attr(popped._trial_id, BY, 2)
     assert pool.in_flight() == 2
+
+
+def test_without_a_heartbeat_the_tune_waits_only_for_a_draw_a_live_local_worker_holds(tmp_path):
+    """A journal file cannot tell a dead worker's draw from a slow one, but the tune knows its own local
+    workers: it waits for a draw one of them holds while that process lives, and not for one held by a
+    worker it cannot see."""
+    import subprocess
+
+    pool = Pool(open_storage(str(tmp_path / "study.journal")), "t", ahead=2)
+    study = optuna.create_study(storage=pool.storage, study_name="t-search", direction="maximize")
+    pool.publish(search_study="t-search", base=f"{pool.epoch}:0")
+    held = study.ask({"x": X})
+    study._storage.set_trial_user_attr(held._trial_id, BASE, pool.base)
+    study._storage.set_trial_user_attr(held._trial_id, BY, 3)  # a worker on another machine
+    live = subprocess.Popen(["sleep", "60"])
+    pool.procs.append(live)
+    try:
+        t0 = time.monotonic()
+        assert pool.next(timeout=5) is None and time.monotonic() - t0 < 1  # not waited for: nobody to ask
+        study._storage.set_trial_user_attr(held._trial_id, BY, 1)  # local worker 1, alive
+        t0 = time.monotonic()
+        assert pool.next(timeout=1) is None and time.monotonic() - t0 >= 1  # waited for, up to the timeout
+        study._storage.set_trial_user_attr(held._trial_id, VAL, ev(x=2).model_dump(mode="json"))
+        study._storage.set_trial_user_attr(held._trial_id, PARAMS, {"x": 2})
+        study.tell(held, 0.5)
+        got = pool.next(timeout=5)
+        assert got is not None and got.number == held.number and got.params == {"x": 2}
+        nxt = study.ask({"x": X})
+        study._storage.set_trial_user_attr(nxt._trial_id, BASE, pool.base)
+        study._storage.set_trial_user_attr(nxt._trial_id, BY, 1)
+        live.kill()
+        live.wait()
+        t0 = time.monotonic()
+        assert pool.next(timeout=5) is None and time.monotonic() - t0 < 1  # its worker died: not waited for
+    finally:
+        live.kill()
+        live.wait()

@@ -24,15 +24,21 @@ from selftune import scripted
 from selftune.studies import open_storage
 from selftune.workers import BASE, BY, PARAMS, VAL
 
-# stage-2 turns are rounds 3, 5, 7: without a heartbeat the tune never waits for a worker's draw (it draws one
-# itself when none is ready), so a slow worker (niced, first index builds) can miss a turn; three turns, not two
+# stage-2 turns are rounds 3, 5, 7: without a heartbeat the tune waits only for a draw a live local worker
+# already holds (else it draws one itself), so a slow worker (niced, first index builds) can miss a turn that
+# comes before it started a draw; three turns, not two
 ROUNDS = 8
 
 
 @pytest.fixture(scope="module")
-def endpoint():
+def server():
     with scripted.ScriptedServer(latency=0.1, reply=scripted.role_reply) as server:
-        yield server.base
+        yield server
+
+
+@pytest.fixture
+def endpoint(server):
+    return server.base
 
 
 def write_config(tmp: Path, base: str, storage: Path) -> Path:
@@ -56,7 +62,8 @@ def write_config(tmp: Path, base: str, storage: Path) -> Path:
     return path
 
 
-def test_a_tune_with_two_workers_on_a_journal_file(endpoint, tmp_path):
+def test_a_tune_with_two_workers_on_a_journal_file(server, endpoint, tmp_path):
+    served = server.requests
     journal = tmp_path / "study.journal"
     cfg = write_config(tmp_path, endpoint, journal)
     work = tmp_path / "work"
@@ -128,6 +135,10 @@ def test_a_tune_with_two_workers_on_a_journal_file(endpoint, tmp_path):
     assert gated, _logs(tmp_path)  # at least one worker's draw was gated
     assert len(gated) == len(set(gated))  # each once
     assert set(gated) <= {t.number for t in reported}  # each a reported trial of the study
+    # what the workers spent is the tune's: every call the endpoint served is in the tune's count, no other
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["calls/worker_processes"] >= 1
+    assert metrics["calls/total"] == server.requests - served
 
 
 def _logs(tmp: Path) -> str:

@@ -174,6 +174,11 @@ class Pool:
         and cancelled jobs."""
         return len(self.stale) - self._stale_before + self.cancelled
 
+    def _local_alive(self, worker: Any) -> bool:
+        """Worker ``worker`` (its ``--id``) is one of this tune's local processes and has not exited."""
+        k = worker if isinstance(worker, int) else -1
+        return 1 <= k <= len(self.procs) and self.procs[k - 1].poll() is None
+
     def _alone(self) -> bool:
         """Every local worker has exited (and none was started elsewhere that we know of)."""
         return bool(self.procs) and all(p.poll() is not None for p in self.procs)
@@ -181,9 +186,9 @@ class Pool:
     def next(self, timeout: float | None = None) -> Report | None:
         """The lowest-numbered stage-2 draw a worker reported against the current incumbent and not yet
         gated, waiting for one while a worker is evaluating one against it; None when none is coming (no
-        draw against this incumbent is being evaluated, or, with no heartbeat to tell a dead worker,
-        none is ready; every local worker exited; ``timeout`` passed): the tune then draws and
-        evaluates one itself. A report evaluated against an earlier
+        draw against this incumbent is being evaluated, or, with no heartbeat to tell a dead worker, none
+        by a live local worker of this tune; every local worker exited; ``timeout`` passed): the tune then
+        draws and evaluates one itself. A report evaluated against an earlier
         incumbent is stale: recorded (control attr ``stale``), never gated."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -207,10 +212,12 @@ class Pool:
                     self.control.set_user_attr("gated", self.gated_in)
                     return Report(t.number, dict(t.user_attrs[PARAMS]), Evaluation.model_validate(t.user_attrs[VAL]),
                                   self.base, t.user_attrs.get(BY))
-                # without a heartbeat a dead worker's draw would look alive forever: none is waited for
+                # without a heartbeat a dead worker's draw would look alive forever: only one a live local
+                # worker holds is waited for
                 coming = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-                          and t.user_attrs.get(BASE) == self.base]
-                if not coming or not self.takes_jobs:
+                          and t.user_attrs.get(BASE) == self.base
+                          and (self.takes_jobs or self._local_alive(t.user_attrs.get(BY)))]
+                if not coming:
                     return None
             if self._alone():
                 return None
@@ -392,8 +399,10 @@ def run_worker(cfg: Any, worker_id: int = 0, models: Any = None, max_candidates:
             time.sleep(POLL)
             attrs = _attrs(control)
         probes = [Probe.model_validate(p) for p in attrs.get("probes", [])]
-        # this process's spend from now on is the tune's: reported after every candidate (``Pool.spend``)
+        # what this process spends (its set-up's calls too) is the tune's: reported now and after every
+        # candidate (``Pool.spend``)
         spent = _Spent(control, session.ledger, attrs.get("epoch"), worker_id)
+        spent.report()
         opt = Optimizer(cfg.sut.params, session.rubric, session.models.role("optimizer"), spec, cfg.seed + worker_id,
                         cheap=session.retrieval_objective(probes), storage=storage, study=name)
         demos: Any = None
@@ -462,22 +471,19 @@ def run_worker(cfg: Any, worker_id: int = 0, models: Any = None, max_candidates:
 
 
 class _Spent:
-    """A worker's spend since it joined the tune of epoch ``epoch``, by role, reported in the control study
-    (user attr ``spend.<epoch>.<worker>.<process token>``, a running total) after every candidate, failed or
-    not: the tune counts it in its ledger, its caps and its report (``Pool.spend``)."""
+    """A worker process's spend, by role, reported in the control study for the tune of epoch ``epoch``
+    (user attr ``spend.<epoch>.<worker>.<process token>``, a running total) when it joins and after every
+    candidate, failed or not: the tune counts it in its ledger, its caps and its report (``Pool.spend``).
+    A worker serves one tune (it exits when that tune is done), so its whole spend is that tune's."""
 
     def __init__(self, control: optuna.Study, ledger: Any, epoch: str | None, worker_id: int):
         self.control, self.ledger = control, ledger
         self.key = f"{SPEND}{epoch}.{worker_id}.{uuid.uuid4().hex[:8]}"
-        self.start = ledger.spend
 
     def report(self) -> None:
         from dataclasses import asdict
 
-        from .spend import combine
-
-        now = combine(self.ledger.spend, self.start, -1)
-        self.control.set_user_attr(self.key, {r: asdict(s) for r, s in sorted(now.items()) if s.calls})
+        self.control.set_user_attr(self.key, {r: asdict(s) for r, s in sorted(self.ledger.spend.items()) if s.calls})
 
 
 def _attrs(control: optuna.Study) -> dict[str, Any]:
