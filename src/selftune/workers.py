@@ -29,8 +29,9 @@ our own:
   tune answers the train minibatch of a promoted candidate, as it does for its own) and no slice
   pruning (the gate compares the whole split); a job the tune takes itself is evaluated as its own
   candidates are, on growing slices, pruned when clearly losing or stopped by the time budget.
-- **Spend.** Each worker reports what it spent in this tune, by role (calls, tokens, dollars), in the
-  control study after every candidate (``spend.<epoch>.<worker>.<token>``, a running total); the tune
+- **Spend.** Each worker reports what it spent in this tune, by role (calls, tokens, dollars; its set-up's
+  calls too), in the control study when it joins and after every candidate (``spend.<epoch>.<worker>.<token>``,
+  a running total); the tune
   counts it in its ledger before every round and once more after the local workers have exited, so
   ``optimizer.budget`` and ``models.<role>.budget`` cap the whole tune, workers included, and the report's
   calls are all of them (stage ``worker processes``). A cap can be passed by the candidates the workers
