@@ -243,3 +243,8 @@ def test_a_candidate_is_stopped_midway_when_its_own_pace_would_overrun_the_budge
     why = loop._out_of_time_midway(now[0] - 13 * 60, 19.5, pace, 10, secs, left)
     assert why.startswith(f"time budget: stopped after 10 of 42 validation items: at {secs:.1f} s per item")
     assert f"(~{need / 60:.1f} min) would end at {13 + need / 60:.1f} of 19.5 min" in why
+    # as the last candidate, without the train minibatch a promotion answers (16 items of the 25's overhead)
+    assert pace.midway(secs, left, train=False) == pytest.approx(96.0 + secs * 9 + (2.5 + secs) * 36)
+    short = 60 * 19.5 - pace.midway(secs, left, train=False) - 1  # fits without the minibatch, not with it
+    assert loop._out_of_time_midway(now[0] - short, 19.5, pace, 10, secs, left)
+    assert loop._out_of_time_midway(now[0] - short, 19.5, pace, 10, secs, left, train=False) == ""

@@ -202,6 +202,36 @@ def test_a_budget_ends_the_tune_before_the_next_candidate_and_the_report_says_wh
     assert result.test_best is result.test_baseline  # the held-out test is still scored, once
 
 
+def test_a_candidate_that_fits_only_without_its_train_minibatch_runs_to_its_end_as_the_last(
+        tmp_path, corpus_dir, monkeypatch):
+    """When the rest of a candidate's round and the held-out test fit the time budget only without the
+    train minibatch a promotion answers (for the rewrites after it), the candidate is answered to its
+    end, gated, never given that minibatch, and is the last: the tune goes to the held-out test."""
+    from selftune import loop
+
+    asked = []
+
+    def tight(started, minutes, pace, done, secs, left, train=True):
+        asked.append(train)
+        return "" if not train else f"time budget: stopped after {done} of {pace.n_val} validation items: too slow"
+
+    monkeypatch.setattr(loop, "_out_of_time_midway", tight)
+    from selftune.demo_corpus import materialize
+
+    materialize(corpus_dir / "ref", ["assert", "pass", "break", "continue", "del", "return", "global", "raise"])
+    cfg = load_config(write_config(tmp_path, corpus_dir, probes="{count: 30}",
+                                   optimizer="{rounds: 3, slices: [3], train_items: 4, budget: {minutes: 60}}"))
+    result = tune(Session(cfg, models=FakeModels()), 3, MlflowTracker(cfg), no_progress)
+    assert asked and True in asked and False in asked
+    base, r1 = result.rounds
+    assert not r1.pruned and len(r1.val.judgments) == len(base.val.judgments)  # answered to its end
+    assert r1.train.judgments == ()  # promoted or not, no train minibatch
+    assert result.stats["stopped_because"].startswith("time budget: candidate 1 was answered to its end as the last")
+    assert result.stats["stopped_because"].endswith("so it stopped after 1 candidates")
+    best = result.best
+    assert (result.test_best is result.test_baseline) == (best.index == 0)  # the test still scored, once
+
+
 def test_a_candidate_past_the_time_budget_is_stopped_at_its_first_slice_and_the_test_still_runs(
         tmp_path, corpus_dir, monkeypatch):
     """The time budget is asked at each pruning step too (``loop._out_of_time_midway``, Optuna's timeout
@@ -211,7 +241,7 @@ def test_a_candidate_past_the_time_budget_is_stopped_at_its_first_slice_and_the_
 
     asked = []
 
-    def past(started, minutes, pace, done, secs, left):
+    def past(started, minutes, pace, done, secs, left, train=True):
         asked.append((done, secs))
         return f"time budget: stopped after {done} of {pace.n_val} validation items"
 

@@ -507,6 +507,9 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             llm_items = cfg.judge.monitor_sample if objective.kind == "checks" else None
             reported = None
             timed_out: list[str] = []  # why the time budget stopped this candidate midway
+            # why it is the last candidate: it fits only without the train minibatch a promotion answers
+            # (for the rewrites after it, and none comes), so it is answered to its end but none follows
+            last: list[str] = []
 
             def own(ps: Params, llm: int | None) -> Evaluation:
                 """Validation answered here, on growing slices: pruned as losing, or stopped past the time
@@ -520,6 +523,10 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
                         return False
                     left, secs = val_pace(js, time.perf_counter() - val_started, llm, n_val)
                     if why := _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left):
+                        if not _out_of_time_midway(started, spec.budget.minutes, pace, len(js), secs, left,
+                                                   train=False):
+                            last[:] = [why]
+                            return False
                         timed_out.append(why)
                         return True
                     return False
@@ -572,7 +579,7 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             judged_on = objective.with_prefs(compared.get("prefs", {})) if objective.kind == "pairwise" else objective
             gate = decide(val, incumbent.val, judged_on, cfg.gate, cfg.seed + i)
             train = empty
-            if gate.promote:  # the new incumbent's train failures feed the next rewrites (a worker answers none)
+            if gate.promote and not last:  # its train failures feed the next rewrites (a worker answers none)
                 ledger.stage = "stage 2"
                 train = session.evaluate(cand, probes, "train", progress, limit=spec.train_items, llm_items=llm_items)
             stats_now = {**monitor.stats, **({"swap/round_consistency": compared["consistency"]}
@@ -584,6 +591,12 @@ def run_tune(session: Session, rounds: int, observer: Observer, progress: Progre
             observer.round(rnd)
             pace.took(setting(cand), _took(round_started, screened, optimizer))
             forecast.candidates.append(combine(ledger.mark(f"round/{i}/end"), spent, -1))
+            if last:  # no room for another candidate: the held-out test next
+                stop_reason = (f"time budget: candidate {i} was answered to its end as the last one, its train "
+                               f"minibatch skipped ({last[0].removeprefix('time budget: stopped ')} with it), "
+                               f"so it stopped after {i} candidates")
+                log.info("%s", stop_reason)
+                break
             if pool is not None:  # draws ahead: no more than the search turns left to gate them
                 turns = sum(optimizer.search_turn(history, k) for k in range(i + 1, rounds + 1))
                 _publish(pool, optimizer, objective, history[rnd.incumbent_index], cfg, min(pool.ahead, turns))
@@ -836,13 +849,16 @@ class Pace:
             self.overhead.append(max(0.0, secs - self._val_secs) / (self._val_secs / self.n_val))
         self._val_secs = None
 
-    def midway(self, secs_per_item: float, val_left: float) -> float:
+    def midway(self, secs_per_item: float, val_left: float, train: bool = True) -> float:
         """What a candidate still needs if it is promoted, from its first validation items: the rest of
         validation (``val_left`` seconds, ``val_pace``), the rest of its round (monitoring, its train
         minibatch: the largest measured share of a round beyond validation, else the train minibatch
         alone) and the held-out test with it as the best, the baseline at its own pace; ``secs_per_item``
-        is its pace over the whole split."""
+        is its pace over the whole split. ``train=False``: as the last candidate, whose train minibatch
+        (answered only for the rewrites after it) is skipped."""
         rest = max(self.overhead) if self.overhead else float(self.n_train)
+        if not train:
+            rest = max(0.0, rest - self.n_train)
         return val_left + secs_per_item * rest + (self.base_secs + secs_per_item) * self.n_test
 
     def next_round(self, incumbent: Any, keeps: bool) -> float:
@@ -878,14 +894,14 @@ def val_pace(judgments: Sequence[Judgment], elapsed: float, llm_items: int | Non
 
 
 def _out_of_time_midway(started: float, minutes: float, pace: Pace, done_items: int, secs: float,
-                        val_left: float) -> str:
+                        val_left: float, train: bool = True) -> str:
     """Why a candidate is stopped after ``done_items`` validation items (empty if it goes on): at the
     pace it answered them (``val_pace``: ``val_left`` seconds to the end of validation, ``secs`` per item
     over the whole split), the rest of its round and the held-out test would end past
     ``optimizer.budget.minutes`` (Optuna's ``timeout`` asked at each pruning step: a round slower than
     any before it, e.g. a longer context, is caught on its first slice, not after it has run)."""
     elapsed = time.perf_counter() - started
-    need = pace.midway(secs, val_left)
+    need = pace.midway(secs, val_left, train)
     if elapsed + need <= minutes * 60:
         return ""
     return (f"time budget: stopped after {done_items} of {pace.n_val} validation items: at {secs:.1f} s per item "
