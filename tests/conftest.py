@@ -186,3 +186,17 @@ def check_tune_record(work: Path, output: str, rounds: int):
     best = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best.yaml")).read())
     assert set(best["params"]) >= {"instructions", "top_k", "chunk_size", "chunk_overlap"}
     return client, parent
+
+
+def rounds_faced(client, children):
+    """A tune's child runs (rounds) after the baseline, in round order: (round, its round.json record, the
+    round of the incumbent it was gated against: the last promoted before it, 0 the baseline)."""
+    import json as _json
+
+    by_round = {}
+    for c in children:
+        rec = _json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())
+        by_round[int(c.data.tags["selftune.round"])] = (rec, c)
+    for r in sorted(by_round)[1:]:
+        faced = max(k for k in by_round if k < r and by_round[k][1].data.tags["selftune.promoted"] == "True")
+        yield r, by_round[r][0], faced

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import DOCS, ROOT
+from conftest import DOCS, ROOT, rounds_faced
 from servers import chroma_server, mlflow_server, postgres, postgres_bin
 from selftune import scripted
 from selftune.search import REPEAT
@@ -119,16 +119,8 @@ def test_a_tune_with_two_workers_survives_a_killed_worker(endpoint, served, tmp_
                    if t.system_attrs.get("failed_trial") == dead.number]
         assert len(retried) == 1 and retried[0].params == dead.params  # re-queued once, same candidate
         assert retried[0].user_attrs.get(JOB) == dead.user_attrs.get(JOB)
-        import json
-
-        gated, by_round = [], {}
-        for c in children:
-            rec = json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())
-            by_round[int(c.data.tags["selftune.round"])] = (rec, c)
-        for r in sorted(by_round)[1:]:
-            rec, c = by_round[r]
-            # the incumbent round r was gated against: the last round promoted before it (0: the baseline)
-            faced = max(k for k in by_round if k < r and by_round[k][1].data.tags["selftune.promoted"] == "True")
+        gated = []
+        for r, rec, faced in rounds_faced(client, children):
             for note in rec["notes"]:
                 if note.endswith("(a worker's)"):
                     number = int(note.split("stage 2 trial ")[1].split(" ")[0])

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import DOCS, ROOT
+from conftest import DOCS, ROOT, rounds_faced
 from selftune import scripted
 from selftune.studies import open_storage
 from selftune.workers import BASE, BY, PARAMS, VAL
@@ -118,14 +118,8 @@ def test_a_tune_with_two_workers_on_a_journal_file(server, endpoint, tmp_path):
     assert not any(n.startswith("evaluated by worker") for c in children
                    for n in json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())["notes"])
     # workers' draws gated, each once, each against the incumbent it was evaluated against
-    gated, by_round = [], {}
-    for c in children:
-        rec = json.loads(open(client.download_artifacts(c.info.run_id, "round.json")).read())
-        by_round[int(c.data.tags["selftune.round"])] = (rec, c)
-    for r in sorted(by_round)[1:]:
-        rec, c = by_round[r]
-        # the incumbent round r was gated against: the last round promoted before it (0: the baseline)
-        faced = max(k for k in by_round if k < r and by_round[k][1].data.tags["selftune.promoted"] == "True")
+    gated = []
+    for r, rec, faced in rounds_faced(client, children):
         for note in rec["notes"]:
             if note.endswith("(a worker's)"):
                 number = int(note.split("stage 2 trial ")[1].split(" ")[0])
